@@ -1,0 +1,24 @@
+"""Face detector backends. Each backend module is imported lazily by :func:`create_detector`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from data_tools.detectors.base import Detection, FaceDetector, FaceRegions
+
+BACKENDS = ("mediapipe", "facexlib")
+
+__all__ = ["BACKENDS", "Detection", "FaceDetector", "FaceRegions", "create_detector"]
+
+
+def create_detector(backend: str, weights_dir: Path | None = None, device: str = "cpu") -> FaceDetector:
+    """Build a detector backend by name; heavy imports happen here, not at package import."""
+    if backend == "mediapipe":
+        from data_tools.detectors.mediapipe import MediaPipeDetector
+
+        return MediaPipeDetector()
+    if backend == "facexlib":
+        from data_tools.detectors.facexlib import FacexlibDetector
+
+        return FacexlibDetector.from_weights_dir(weights_dir, device=device)
+    raise ValueError(f"unknown detector backend {backend!r}; choose one of {BACKENDS}")

@@ -1,0 +1,202 @@
+"""Per-photo processing: source file -> ImageRecord (crop, mask, aligned face, metadata) or Reject.
+
+Pure with respect to its inputs: the same bytes and options give the same record, whatever process
+runs it, which is what makes builds deterministic across worker counts and resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from data_tools import alignment, masks
+from data_tools.decode import DEFAULT_MAX_PIXELS, decode_image
+from data_tools.detectors.base import Detection, FaceDetector
+from data_tools.sources import SourceItem
+from fact_lightning.data import schema
+
+logger = logging.getLogger(__name__)
+
+# Reject reasons (besides those of data_tools.decode).
+UNREADABLE = "unreadable"
+NO_IDENTITY = "no_identity_folder"
+NO_FACE = "no_face"
+LOW_SCORE = "low_score"
+SEVERAL_FACES = "several_faces"
+FACE_TOO_SMALL = "face_too_small"
+FACE_AT_BORDER = "face_cut_by_border"
+LANDMARKS_FAILED = "landmarks_failed"
+EMPTY_MASK = "empty_mask"
+DUPLICATE = "duplicate"
+IDENTITY_MISMATCH = "identity_mismatch"
+
+
+@dataclass(frozen=True)
+class RecordOptions:
+    """Everything that changes a record; part of the shard fingerprint."""
+
+    resolution: int = 512
+    min_face_size: int = 64
+    min_score: float = 0.5
+    keep_dominant: bool = False
+    dominant_ratio: float = 2.0
+    max_face_outside: float = 0.1
+    mask_dilate: float = 0.0
+    face_fraction: float = 0.35
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    jpeg_quality: int = 95
+
+    def __post_init__(self) -> None:
+        if self.resolution < 64 or self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8 and >= 64, got {self.resolution}")
+        if not 0.0 <= self.min_score <= 1.0:
+            raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
+        if self.dominant_ratio < 1.0:
+            raise ValueError(f"dominant_ratio must be >= 1, got {self.dominant_ratio}")
+        if not 0.0 < self.face_fraction <= 1.0:
+            raise ValueError(f"face_fraction must be in (0, 1], got {self.face_fraction}")
+        if self.mask_dilate < 0 or self.max_face_outside < 0 or self.min_face_size < 1:
+            raise ValueError("mask_dilate and max_face_outside must be >= 0, min_face_size >= 1")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Reject:
+    source: str
+    identity: str
+    reason: str
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ImageRecord:
+    source: str
+    identity: str
+    crop_jpg: bytes
+    mask_png: bytes
+    face_png: bytes
+    face: np.ndarray  # (112, 112, 3) uint8, head-masked, for the encoder
+    meta: dict
+    embedding: np.ndarray | None = field(default=None, repr=False)  # identity-check embedding, if any
+
+
+def _png(array: np.ndarray, mode: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
+def _jpg(array: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array, "RGB").save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else 2)
+    return buf.getvalue()
+
+
+def choose_face(detections: list[Detection], opts: RecordOptions) -> tuple[Detection | None, str, str]:
+    """(face, reason, detail) under the several-faces, score and size policies."""
+    if not detections:
+        return None, NO_FACE, ""
+    confident = [d for d in detections if d.score >= opts.min_score]
+    if not confident:
+        best = max(d.score for d in detections)
+        return None, LOW_SCORE, f"best score {best:.3f} < {opts.min_score}"
+    by_area = sorted(confident, key=lambda d: -d.area)
+    if len(by_area) > 1:
+        ratio = by_area[0].area / max(by_area[1].area, 1e-6)
+        if not (opts.keep_dominant and ratio >= opts.dominant_ratio):
+            return None, SEVERAL_FACES, f"{len(by_area)} faces, largest/second area ratio {ratio:.2f}"
+    face = by_area[0]
+    if min(face.width, face.height) < opts.min_face_size:
+        return None, FACE_TOO_SMALL, f"{face.width:.0f}x{face.height:.0f} px < {opts.min_face_size}"
+    return face, "", ""
+
+
+def _round(a: np.ndarray) -> list:
+    return np.round(np.asarray(a, np.float64), 2).tolist()
+
+
+def process_item(item: SourceItem, detector: FaceDetector, opts: RecordOptions,
+                 embedder=None) -> ImageRecord | Reject:
+    """Run one photo through decode, detection, masks, crop and alignment."""
+    def reject(reason: str, detail: str = "") -> Reject:
+        return Reject(item.source, item.identity, reason, detail)
+
+    if not item.identity:
+        return reject(NO_IDENTITY, "image directly under --src; put it in a <identity>/ folder")
+    try:
+        with open(item.path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return reject(UNREADABLE, f"{type(exc).__name__}: {exc.strerror or exc}")
+    decoded = decode_image(data, max_pixels=opts.max_pixels)
+    if decoded.image is None:
+        return reject(decoded.reason, decoded.detail)
+    image = decoded.image
+    h, w = image.shape[:2]
+
+    face, reason, detail = choose_face(detector.detect(image), opts)
+    if face is None:
+        return reject(reason, detail)
+    outside = alignment.box_fraction_outside(face.bbox, (w, h))
+    if outside > opts.max_face_outside:
+        return reject(FACE_AT_BORDER, f"{outside:.0%} of the face box is outside the image")
+    analyzed = detector.analyze(image, face)
+    if analyzed is None:
+        return reject(LANDMARKS_FAILED, f"{detector.name} found no landmarks in the detected face")
+    face, regions = analyzed
+    lm = face.landmarks
+    if (lm < 0).any() or (lm[:, 0] >= w).any() or (lm[:, 1] >= h).any():
+        return reject(FACE_AT_BORDER, "a facial landmark lies outside the image")
+
+    # Training crop and its face mask.
+    box = alignment.crop_box(face.bbox, (w, h), face_fraction=opts.face_fraction)
+    to_crop = alignment.crop_matrix(box, opts.resolution)
+    size = (opts.resolution, opts.resolution)
+    crop = alignment.warp(image, to_crop, size)
+    mask = regions.face_mask(to_crop, size)
+    face_px = max(face.width, face.height) * to_crop[0, 0]
+    mask = masks.dilate(mask, opts.mask_dilate * face_px)
+    if masks.coverage(mask) == 0.0:
+        return reject(EMPTY_MASK, "the face mask is empty inside the crop")
+
+    # Reference face: ArcFace-aligned, zero outside the head mask.
+    to_face = alignment.arcface_matrix(lm, schema.FACE_SIZE)
+    fsize = (schema.FACE_SIZE, schema.FACE_SIZE)
+    aligned = masks.apply_mask(alignment.warp(image, to_face, fsize), regions.head_mask(to_face, fsize))
+
+    crop_bbox = alignment.apply_affine(to_crop, face.bbox.reshape(2, 2)).reshape(-1)
+    meta = {
+        "source": item.source,
+        "source_sha256": hashlib.sha256(data).hexdigest(),
+        "identity": item.identity,
+        "caption": item.caption,
+        "image_size": [w, h],
+        "source_format": decoded.source_format,
+        "source_mode": decoded.source_mode,
+        "detector": detector.name,
+        "score": round(float(face.score), 4),
+        "bbox": _round(face.bbox),
+        "landmarks": _round(lm),
+        "crop_box": _round(box),
+        "crop_bbox": _round(crop_bbox),
+        "crop_landmarks": _round(alignment.apply_affine(to_crop, lm)),
+        "align_matrix": np.round(to_face, 6).tolist(),
+        "identity_check": None,
+    }
+    record = ImageRecord(item.source, item.identity, _jpg(crop, opts.jpeg_quality), _png(mask, "L"),
+                         _png(aligned, "RGB"), aligned, meta)
+    if embedder is not None:
+        record.embedding = embedder.embed_image(crop, crop_bbox)
+    return record
