@@ -1,0 +1,87 @@
+"""Our own adapter file: safetensors with versioned metadata, plus one loader for ours and the official format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from .models.injection import FaceAdapter
+from .models.resampler import ResamplerConfig
+from .models.unet_layout import BlockSite, transformer_block_sites
+
+FORMAT_NAME = "fact-lightning-adapter"
+FORMAT_VERSION = 1
+
+
+def save_adapter(adapter: FaceAdapter, path: str | Path, metadata: dict | None = None) -> Path:
+    """Writes the adapter's weights (projection + every block) as safetensors, atomically.
+
+    ``metadata`` (base model, step, training config, ...) is stored as JSON strings beside the format
+    version, the projection sizes and the block layout, so the file is self-describing.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "projection": json.dumps(adapter.projection.config.to_dict()),
+        "sites": json.dumps([site.__dict__ for site in adapter.sites]),
+    }
+    header.update({k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in (metadata or {}).items()})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=header)
+    tmp.replace(path)
+    return path
+
+
+def read_adapter_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_adapter(path: str | Path, unet: nn.Module | None = None) -> FaceAdapter:
+    """Loads an adapter file, ours (``.safetensors``) or the official FACT torch file, strictly.
+
+    With ``unet`` the adapter is attached to it (which must have the layout the adapter was trained on).
+    The official format needs ``unet`` (its block layout is only implied by key names).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file not found: {path}")
+    if path.suffix != ".safetensors":
+        if unet is None:
+            raise ValueError("loading an official FACT checkpoint needs the UNet to attach to")
+        from .interop.official import load_fact_checkpoint
+
+        return load_fact_checkpoint(path, unet)
+
+    from safetensors.torch import load_file
+
+    try:
+        meta = read_adapter_metadata(path)
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for damaged headers
+        raise ValueError(f"{path} is not a readable safetensors file: {err}") from err
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path} is not a {FORMAT_NAME} file (format={meta.get('format')!r})")
+    version = int(meta.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {version}; this fact-lightning reads up to {FORMAT_VERSION}")
+    sites = [BlockSite(**s) for s in json.loads(meta["sites"])]
+    adapter = FaceAdapter(sites, ResamplerConfig(**json.loads(meta["projection"])))
+    result = adapter.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path}: missing keys {result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]}")
+    if unet is not None:
+        if transformer_block_sites(unet) != sites:
+            raise ValueError(f"{path} was trained for another UNet layout ({len(sites)} blocks) than the one given")
+        adapter.attach(unet)
+    return adapter.eval()
+

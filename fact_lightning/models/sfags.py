@@ -1,0 +1,101 @@
+"""SFAGS: the gated self-attention that merges identity tokens into one UNet transformer block.
+
+Paper Eq. 2 in the official two-gate form (the GLIGEN fuser):
+    x = x + a * tanh(alpha_attn) * TS(SelfAttn(norm1([x, linear(e_id)])))
+    x = x + a * tanh(alpha_dense) * FF(norm2(x))
+Both gates start at 0, so a freshly attached adapter leaves the UNet unchanged. Parameter names are the
+official processor's (``linear``, ``attn.to_q``..., ``ff.net.0.proj``, ``ff.net.2``, ``norm1``, ``norm2``,
+``alpha_attn``, ``alpha_dense``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class FaceCondition:
+    """What the adapters need for one UNet call: identity tokens and the adapter scale a.
+
+    embeddings: (B, T, cross_attention_dim), T = 16 per reference photo; a batch of 1 broadcasts.
+    scale: a float, or a (B,) tensor for a per-sample scale.
+    """
+
+    embeddings: torch.Tensor
+    scale: float | torch.Tensor = 1.0
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(dim, dim, bias=False)
+        self.to_v = nn.Linear(dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (proj(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).reshape(b, n, d))
+
+
+class _GEGLU(nn.Module):
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class _FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # Index 1 is an (empty) dropout slot, kept so that the output layer is ``net.2`` as in the release.
+        self.net = nn.Sequential(_GEGLU(dim, dim * mult), nn.Identity(), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class GatedFaceAttention(nn.Module):
+    """One block's SFAGS. Called by diffusers' ``BasicTransformerBlock`` through its GLIGEN fuser slot."""
+
+    def __init__(self, width: int, context_dim: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"block width {width} is not divisible by {heads} heads")
+        self.linear = nn.Linear(context_dim, width)
+        self.attn = _SelfAttention(width, heads)
+        self.ff = _FeedForward(width)
+        self.norm1 = nn.LayerNorm(width)
+        self.norm2 = nn.LayerNorm(width)
+        self.alpha_attn = nn.Parameter(torch.tensor(0.0))
+        self.alpha_dense = nn.Parameter(torch.tensor(0.0))
+        # Where this block reports (input, increment) for FAIR during a forward pass; None = not recording.
+        self.sink: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.name = ""
+
+    def forward(self, x: torch.Tensor, condition: FaceCondition) -> torch.Tensor:
+        face = condition.embeddings
+        if face.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"face embeddings have batch {face.shape[0]}, the UNet batch is {x.shape[0]}")
+        face = self.linear(face.to(x.dtype)).expand(x.shape[0], -1, -1)
+        scale = condition.scale
+        if isinstance(scale, torch.Tensor):
+            scale = scale.to(x).view(-1, 1, 1)
+        n_visual = x.shape[1]
+        # TS keeps the visual tokens: the face tokens only serve as keys and values.
+        attended = self.attn(self.norm1(torch.cat([x, face], dim=1)))[:, :n_visual]
+        out = x + scale * torch.tanh(self.alpha_attn) * attended
+        out = out + scale * torch.tanh(self.alpha_dense) * self.ff(self.norm2(out))
+        if self.sink is not None:
+            self.sink[self.name] = (x, out - x)
+        return out
