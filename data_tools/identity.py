@@ -65,19 +65,19 @@ def _distance(a: np.ndarray, b: np.ndarray, metric: str) -> float:
 
 
 def check_identity(embeddings: list[np.ndarray], threshold: float, metric: str = "euclidean") -> list[Check]:
-    """Per image: distance to the mean of the identity's *other* images, ok when <= threshold.
+    """Per image: does it match (pair distance <= threshold) at least half of the identity's other images?
 
-    With two images the pair distance is used for both (either may be the odd one out); a single image
-    cannot be checked and passes.
+    A majority vote over pairwise distances, so one intruder cannot drag the others out (as it would a
+    mean). ``distance`` is the median distance to the others. With two images a mismatch flags both
+    (either may be the odd one out); a single image cannot be checked and passes.
     """
     n = len(embeddings)
     if n < 2:
         return [Check(None, True) for _ in embeddings]
-    emb = np.stack(embeddings).astype(np.float64)
-    total = emb.sum(axis=0)
+    dist = np.array([[_distance(a, b, metric) for b in embeddings] for a in embeddings])
     checks = []
     for i in range(n):
-        others = (total - emb[i]) / (n - 1)
-        d = _distance(emb[i], others, metric)
-        checks.append(Check(round(d, 4), d <= threshold))
+        others = np.delete(dist[i], i)
+        matches = int((others <= threshold).sum())
+        checks.append(Check(round(float(np.median(others)), 4), 2 * matches >= n - 1))
     return checks
