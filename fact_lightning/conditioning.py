@@ -1,0 +1,99 @@
+"""Seeded per-sample condition decisions: paired, shuffled or dropped face; kept or dropped text.
+
+Every random draw of a training sample comes from its own generator, seeded from (run seed, global step,
+sample key). The draws therefore do not depend on how a global batch is split over processes or on
+the resume point, which makes DDP/FSDP runs reproduce a single-process run and lets a resumed run
+continue the same random stream. Nothing here keeps state across steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+
+
+class FaceChoice(IntEnum):
+    PAIRED = 0    # the target image's own reference face
+    SHUFFLED = 1  # another image of the same identity ("paired identity, unpaired face")
+    DROPPED = 2   # no face: Prj(zeros)
+
+
+def sample_seed(seed: int, step: int, key: str) -> int:
+    """A 63-bit seed from (run seed, global step, sample key); stable across processes and Python runs."""
+    digest = hashlib.blake2b(f"{seed}:{step}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def sample_generators(seed: int, step: int, keys: list[str]) -> list[torch.Generator]:
+    """One CPU generator per sample, seeded by :func:`sample_seed`."""
+    return [torch.Generator().manual_seed(sample_seed(seed, step, key)) for key in keys]
+
+
+@dataclass(frozen=True)
+class ConditionProbabilities:
+    """Per-sample condition probabilities (paper 3.3; 0.1 each for face and text drop).
+
+    ``p_shuffle`` applies to the faces that are kept: a face is dropped with ``face_drop``, else shuffled
+    with ``p_shuffle``, else paired. So the expected fractions are dropped = face_drop, shuffled =
+    (1 - face_drop) * p_shuffle, paired = the rest. Text is dropped independently with ``text_drop``.
+    """
+
+    p_shuffle: float = 0.2
+    face_drop: float = 0.1
+    text_drop: float = 0.1
+    mask_loss: float = 0.5  # M_r(p): probability of the face-masked diffusion loss
+
+    def __post_init__(self) -> None:
+        for name in ("p_shuffle", "face_drop", "text_drop", "mask_loss"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
+
+
+@dataclass
+class Decisions:
+    """A batch's decisions, each (B,): ``face`` holds FaceChoice values; the others are bool."""
+
+    face: torch.Tensor
+    drop_text: torch.Tensor
+    use_mask: torch.Tensor
+
+    def fractions(self) -> dict[str, float]:
+        n = max(len(self.face), 1)
+        return {
+            "paired": (self.face == FaceChoice.PAIRED).sum().item() / n,
+            "shuffled": (self.face == FaceChoice.SHUFFLED).sum().item() / n,
+            "dropped": (self.face == FaceChoice.DROPPED).sum().item() / n,
+            "text_dropped": self.drop_text.float().mean().item() if n else 0.0,
+        }
+
+
+def decide(
+    generators: list[torch.Generator], probs: ConditionProbabilities, shuffle_available: torch.Tensor | None = None
+) -> Decisions:
+    """Draws each sample's decisions from its generator (four uniforms, always in the same order).
+
+    ``shuffle_available`` (B,) bool marks samples whose identity has another image; a shuffle drawn for a
+    sample without one falls back to its paired face (and is reported as paired).
+    """
+    draws = torch.stack([torch.rand(4, generator=g) for g in generators]) if generators else torch.zeros(0, 4)
+    face = torch.full((len(generators),), int(FaceChoice.PAIRED), dtype=torch.long)
+    shuffled = draws[:, 1] < probs.p_shuffle
+    if shuffle_available is not None:
+        shuffled &= shuffle_available.cpu().bool()
+    face[shuffled] = int(FaceChoice.SHUFFLED)
+    face[draws[:, 0] < probs.face_drop] = int(FaceChoice.DROPPED)
+    return Decisions(face=face, drop_text=draws[:, 2] < probs.text_drop, use_mask=draws[:, 3] < probs.mask_loss)
+
+
+def draw_normal(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:
+    """(B, *shape) standard normal noise, sample b from generator b (on CPU; move it where needed)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators])
+
+
+def draw_timesteps(generators: list[torch.Generator], num_train_timesteps: int) -> torch.Tensor:
+    """(B,) uniform training timesteps in [0, num_train_timesteps)."""
+    return torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g) for g in generators])

@@ -1,0 +1,102 @@
+"""Pure loss helpers for FACT training (paper Eq. 3-4). No module state; randomness comes in through a generator.
+
+Shapes use B = batch, C = channels, h x w = latent grid, N = a transformer block's token count (its own
+grid flattened row-major, as diffusers' ``Transformer2DModel`` does), D = a block's width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def random_loss_masks(face_mask: torch.Tensor, use_mask: torch.Tensor) -> torch.Tensor:
+    """M_r(p) of Eq. 4: the face mask for samples with ``use_mask``, all ones for the others.
+
+    face_mask: (B, 1, h, w) in [0, 1]; use_mask: (B,) bool. Returns (B, 1, h, w).
+    """
+    ones = torch.ones_like(face_mask)
+    return torch.where(use_mask.view(-1, 1, 1, 1).to(face_mask.device), face_mask, ones)
+
+
+def draw_use_mask(batch: int, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) bool: which samples take the masked loss, each with ``probability`` (Eq. 4's p)."""
+    return torch.rand(batch, generator=generator) < probability
+
+
+def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Per-sample weighted MSE ``||(pred - target) * M_r||^2`` normalised by the weight's area.
+
+    pred, target: (B, C, h, w); weight: (B, 1, h, w) in [0, 1] (M_r(p)). Returns (B,).
+    Normalising by the mask area (rather than by h*w) keeps a masked sample's loss on the scale of an
+    unmasked one, so the masked-loss probability changes where the model looks, not the learning rate.
+    A sample whose weight is all zero (no face found at latent scale) contributes 0.
+    """
+    se = (pred.float() - target.float()).pow(2) * weight.float()
+    area = weight.float().sum(dim=(1, 2, 3)) * pred.shape[1]
+    return se.sum(dim=(1, 2, 3)) / area.clamp_min(1e-6)
+
+
+def token_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
+    """The (h, w) grid of a block with ``num_tokens`` tokens in a UNet whose latent is ``latent_hw``.
+
+    The UNet halves its grid per level with ceil rounding (stride-2 convs with padding 1).
+    """
+    h0, w0 = latent_hw
+    for level in range(8):
+        h, w = h0, w0
+        for _ in range(level):
+            h, w = math.ceil(h / 2), math.ceil(w / 2)
+        if h * w == num_tokens:
+            return h, w
+    raise ValueError(f"{num_tokens} tokens match no downsampling of the {h0}x{w0} latent grid")
+
+
+def mask_tokens(face_mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The face mask resized to a block's token grid by area averaging: (B, 1, H, W) -> (B, h*w, 1)."""
+    resized = F.interpolate(face_mask.float(), size=grid, mode="area")
+    return resized.flatten(2).transpose(1, 2)
+
+
+def fair(x: torch.Tensor, increment: torch.Tensor, mask: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """FAIR of Eq. 3 for one block: ``||GSA(x) * (1 - M_x)||_2 / ||x * (1 - M_x)||_2`` per sample.
+
+    x: (B, N, D) the block's input tokens; increment: (B, N, D) the adapter's whole increment GSA(x);
+    mask: (B, N, 1) the face mask on the block's grid, in [0, 1]. Returns (B,). The denominator is a
+    normaliser of the block's own activations and takes no gradient (it holds no adapter weight at all).
+    """
+    outside = 1.0 - mask.to(x.dtype)
+    num = (increment * outside).float().flatten(1).norm(dim=1)
+    den = (x.detach() * outside).float().flatten(1).norm(dim=1)
+    return num / (den + eps)
+
+
+def fair_per_block(
+    records: dict[str, tuple[torch.Tensor, torch.Tensor]], face_mask: torch.Tensor, latent_hw: tuple[int, int]
+) -> dict[str, torch.Tensor]:
+    """FAIR for every block that recorded (x, GSA(x)) in one forward pass.
+
+    records: {block path: (x (B, N, D), increment (B, N, D))}, as ``FaceAdapter.capture`` fills it;
+    face_mask: (B, 1, H, W) at any resolution. Returns {block path: (B,)}.
+    """
+    out = {}
+    for path, (x, increment) in records.items():
+        grid = token_grid(x.shape[1], latent_hw)
+        out[path] = fair(x, increment, mask_tokens(face_mask.to(x.device), grid))
+    return out
+
+
+def increment_inside_outside(
+    increment: torch.Tensor, mask: torch.Tensor, eps: float = 1e-12
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Root-mean-square norm per token of the increment inside and outside the face: each (B,).
+
+    increment: (B, N, D); mask: (B, N, 1) in [0, 1]. Token norms are weighted by the (soft) mask.
+    """
+    sq = increment.float().pow(2).sum(dim=-1, keepdim=True)
+    m = mask.float()
+    inside = (sq * m).sum(dim=(1, 2)) / (m.sum(dim=(1, 2)) + eps)
+    outside = (sq * (1 - m)).sum(dim=(1, 2)) / ((1 - m).sum(dim=(1, 2)) + eps)
+    return inside.sqrt(), outside.sqrt()

@@ -1,0 +1,244 @@
+"""The FACT LightningModule: wires frozen SD1.5 parts, the adapter, the condition decisions and the losses.
+
+It computes nothing new itself: losses are in ``losses.py``, decisions in ``conditioning.py``, the adapter
+in ``models/``. Checkpoints hold only the adapter's weights (plus optimizer and callback state).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+
+from .. import losses
+from ..conditioning import ConditionProbabilities, FaceChoice, decide, draw_normal, draw_timesteps, sample_generators
+from ..models.injection import FaceAdapter, mark_only_adapter_trainable
+from ..models.resampler import ResamplerConfig
+from ..models.unet_layout import depth_tag
+from .base_spec import BaseModelSpec
+
+log = logging.getLogger(__name__)
+
+ADAPTER_PREFIX = "adapter."
+CHECKPOINT_VERSION = 1
+
+
+class FactModule(pl.LightningModule):
+    """Trains Prj and one SFAGS per UNet transformer block on frozen SD1.5 (paper Eq. 3-4).
+
+    Args:
+        base: which frozen SD1.5 parts (``TinyBase`` or ``PretrainedBase``), built in ``configure_model``.
+        projection: the perceiver's sizes; its ``output_dim`` must be the UNet's cross-attention width.
+        optimizer, lr_scheduler: callables over the adapter's parameters (LightningCLI fills them).
+        adapter_scale: a in Eq. 2 during training (1.0 in the paper).
+        p_shuffle: the initial shuffle probability (the curriculum callback updates it each step).
+        face_drop, text_drop: condition-drop probabilities; mask_loss_prob: p of M_r(p).
+        fair_weight: lambda in Eq. 4.
+        seed: seeds every per-sample draw together with the step and the sample key.
+        gradient_checkpointing: recompute the UNet's blocks in backward (less memory, ~30% slower).
+    """
+
+    def __init__(
+        self,
+        base: BaseModelSpec,
+        projection: ResamplerConfig | None = None,
+        optimizer: OptimizerCallable = torch.optim.Adam,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        adapter_scale: float = 1.0,
+        p_shuffle: float = 0.2,
+        face_drop: float = 0.1,
+        text_drop: float = 0.1,
+        mask_loss_prob: float = 0.5,
+        fair_weight: float = 0.01,
+        seed: int = 0,
+        gradient_checkpointing: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["base", "optimizer", "lr_scheduler"])
+        self.base_spec = base
+        self.projection_config = projection
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.p_shuffle = p_shuffle
+        ConditionProbabilities(p_shuffle, face_drop, text_drop, mask_loss_prob)  # validates early
+        self.strict_loading = False  # frozen weights are not in our checkpoints; on_load_checkpoint checks strictly
+        self.adapter: FaceAdapter | None = None
+        self.nonfinite_steps = 0
+        self._clock: float | None = None
+
+    # -- building --------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.adapter is not None:
+            return
+        base = self.base_spec.build()
+        self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
+        self.tokenizer, self.noise_scheduler = base.tokenizer, base.noise_scheduler
+        self.adapter = FaceAdapter.for_unet(self.unet, self.projection_config)
+        mark_only_adapter_trainable(self.unet, self.adapter, self.vae, self.text_encoder)
+        if self.hparams.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.depth = {s.path: depth_tag(s, self.unet.config) for s in self.adapter.sites}
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["data_parallel"]
+            for block in self.adapter.blocks.values():
+                fully_shard(block, mesh=mesh)
+            fully_shard(self.adapter.projection, mesh=mesh)
+        log.info("adapter: %d blocks, %.2fM trainable parameters", len(self.adapter.sites),
+                 sum(p.numel() for p in self.adapter.parameters()) / 1e6)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.adapter is not None:  # frozen parts stay in eval mode (no dropout, fixed norms)
+            for module in (self.unet, self.vae, self.text_encoder):
+                module.eval()
+        return self
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.adapter.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    @property
+    def probabilities(self) -> ConditionProbabilities:
+        hp = self.hparams
+        return ConditionProbabilities(self.p_shuffle, hp.face_drop, hp.text_drop, hp.mask_loss_prob)
+
+    # -- the step --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids.to(self.device))[0]
+
+    def face_embeddings(self, batch: dict, face: torch.Tensor) -> torch.Tensor:
+        """(B, T, cross_dim) identity tokens: paired, shuffled or Prj(zeros) per ``face`` (B,) FaceChoice."""
+        face = face.to(self.device)
+        tokens = torch.where((face == FaceChoice.SHUFFLED).view(-1, 1, 1), batch["shuffled_tokens"], batch["tokens"])
+        embeddings = self.adapter.project(tokens)
+        null = self.adapter.null_embedding(1, tokens.shape[1])
+        return torch.where((face == FaceChoice.DROPPED).view(-1, 1, 1), null.expand_as(embeddings), embeddings)
+
+    def compute_losses(self, batch: dict, step: int) -> dict:
+        """Loss terms for one batch; every random draw from per-sample generators keyed by (seed, step, key)."""
+        generators = sample_generators(self.hparams.seed, step, list(batch["key"]))
+        decisions = decide(generators, self.probabilities, batch.get("shuffle_available"))
+        with torch.no_grad():
+            dist = self.vae.encode(batch["pixels"].to(self.vae.dtype)).latent_dist
+            eps = draw_normal(generators, tuple(dist.mean.shape[1:])).to(dist.mean)
+            latents = ((dist.mean + dist.std * eps) * self.vae.config.scaling_factor).float()
+            captions = ["" if drop else c for c, drop in zip(batch["caption"], decisions.drop_text.tolist())]
+            text = self.encode_text(captions)
+        noise = draw_normal(generators, tuple(latents.shape[1:])).to(latents)
+        timesteps = draw_timesteps(generators, self.noise_scheduler.config.num_train_timesteps).to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        embeddings = self.face_embeddings(batch, decisions.face)
+        latent_hw = tuple(latents.shape[-2:])
+        with self.adapter.capture() as records:
+            kwargs = self.adapter.condition(embeddings, self.hparams.adapter_scale)
+            pred = self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=text,
+                             cross_attention_kwargs=kwargs).sample
+            fair = losses.fair_per_block(records, batch["mask"], latent_hw)
+        mask_latent = F.interpolate(batch["mask"].float(), size=latent_hw, mode="area")
+        weight = losses.random_loss_masks(mask_latent, decisions.use_mask)
+        diffusion = losses.masked_diffusion_loss(pred, target, weight).mean()
+        fair_means = {path: value.mean() for path, value in fair.items()}
+        fair_total = torch.stack(list(fair_means.values())).sum()
+        weight_fair = self.hparams.fair_weight
+        total = diffusion + weight_fair * fair_total if weight_fair > 0 else diffusion
+        return {"loss": total, "diffusion": diffusion, "fair_total": fair_total, "fair": fair_means, "decisions": decisions}
+
+    def training_step(self, batch: dict, batch_idx: int):
+        out = self.compute_losses(batch, self.global_step)
+        finite = bool(torch.isfinite(out["loss"]).item())
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            self.nonfinite_steps += 1
+            log.warning("non-finite loss at step %d (%s); skipping this step (%d skipped)",
+                        self.global_step, out["loss"].item(), self.nonfinite_steps)
+            self.log("train/nonfinite_skipped", float(self.nonfinite_steps))
+            return None
+        self._log_step(batch, out)
+        return out["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int):
+        out = self.compute_losses(batch, step=-1 - batch_idx)  # fixed draws: comparable across validations
+        size = len(batch["key"])
+        self.log("val/loss", out["loss"], batch_size=size, sync_dist=True)
+        self.log("val/diffusion", out["diffusion"], batch_size=size, sync_dist=True)
+        self.log("val/fair_total", out["fair_total"], batch_size=size, sync_dist=True)
+
+    # -- logging ---------------------------------------------------------------------------------------
+    def _log_step(self, batch: dict, out: dict) -> None:
+        size = len(batch["key"])
+        now = time.perf_counter()
+        if self._clock is not None:
+            self.log("perf/samples_per_sec", size * self.trainer.world_size / (now - self._clock), batch_size=size)
+        self._clock = now
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
+        every = max(self.trainer.log_every_n_steps, 1) if self._trainer is not None else 1
+        if self.global_step % every:
+            return
+        self.log("train/diffusion", out["diffusion"], batch_size=size)
+        self.log("train/fair_total", out["fair_total"], batch_size=size)
+        self.log("curriculum/p_shuffle", self.p_shuffle, batch_size=size)
+        for name, value in out["decisions"].fractions().items():
+            self.log(f"conditions/{name}", value, batch_size=size)
+        if "data_errors" in batch:
+            self.log("data/skipped_in_batch_worker", batch["data_errors"].max().float(), batch_size=size)
+        for path, value in out["fair"].items():
+            self.log(f"fair/{self.depth[path]}/{path}", value, batch_size=size)
+        for path, (attn, ff) in self.gate_values().items():
+            self.log(f"gate_attn/{self.depth[path]}/{path}", attn, batch_size=size)
+            self.log(f"gate_ff/{self.depth[path]}/{path}", ff, batch_size=size)
+
+    def gate_values(self) -> dict[str, tuple[float, float]]:
+        """tanh of each block's two gates (gathers sharded parameters: call on every rank under FSDP)."""
+        out = {}
+        for site in self.adapter.sites:
+            block = self.adapter.blocks[site.key]
+            out[site.path] = tuple(torch.tanh(_full(p)).item() for p in (block.alpha_attn, block.alpha_dense))
+        return out
+
+    # -- checkpoints: trainable weights only, strict keys -------------------------------------------------
+    def adapter_keys(self) -> set[str]:
+        return {ADAPTER_PREFIX + k for k in self.adapter.state_dict()}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
+        checkpoint["fact"] = {"version": CHECKPOINT_VERSION, "base": self.base_spec.describe(),
+                              "nonfinite_steps": self.nonfinite_steps}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("fact") or {}
+        if meta.get("version", 0) > CHECKPOINT_VERSION:
+            raise RuntimeError(f"checkpoint version {meta.get('version')} is newer than this fact-lightning ({CHECKPOINT_VERSION})")
+        got, want = set(checkpoint.get("state_dict", {})), self.adapter_keys()
+        if got != want:
+            raise RuntimeError(
+                f"checkpoint does not match the adapter: missing {sorted(want - got)[:5]}, unexpected {sorted(got - want)[:5]}"
+            )
+        self.nonfinite_steps = meta.get("nonfinite_steps", 0)
+
+    def full_adapter_state(self) -> dict[str, torch.Tensor]:
+        """The adapter's full CPU state dict (a collective under FSDP; only rank 0 gets the tensors then)."""
+        if self.device_mesh is None:
+            return {k: v.detach().cpu() for k, v in self.adapter.state_dict().items()}
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(self.adapter, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def _full(param: torch.Tensor) -> torch.Tensor:
+    return param.full_tensor() if hasattr(param, "full_tensor") else param
