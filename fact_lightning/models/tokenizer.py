@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.resources
+import importlib.util
 import json
 import tempfile
 from pathlib import Path
@@ -27,13 +27,20 @@ def _bytes_to_unicode() -> list[str]:
 
 def clip_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     """The vocabulary and merges of SD1.5's tokenizer, from open_clip's ``bpe_simple_vocab_16e6.txt.gz``."""
-    packaged = importlib.resources.files("open_clip") / "bpe_simple_vocab_16e6.txt.gz"
-    lines = gzip.decompress(packaged.read_bytes()).decode("utf-8").split("\n")
+    lines = gzip.decompress(_packaged_vocab_file().read_bytes()).decode("utf-8").split("\n")
     merges = lines[1 : NUM_MERGES + 1]  # line 0 is a version header
     symbols = _bytes_to_unicode()
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     return {tok: i for i, tok in enumerate(tokens)}, merges
+
+
+def _packaged_vocab_file() -> Path:
+    # find_spec locates the package without importing it (importing open_clip pulls in torchvision, timm...).
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("open-clip-torch is not installed; it ships SD1.5's BPE vocabulary")
+    return Path(spec.submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
 
 
 @functools.cache
