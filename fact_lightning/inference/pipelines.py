@@ -1,0 +1,155 @@
+"""diffusers pipelines built from a ``BaseModel``: text-to-image, inpainting, ControlNet; plus tiny CPU parts.
+
+Nothing here downloads: ControlNet and LoRA weights come from a local path, or from a hub id only when the
+user gives one and the network allows it. Missing files raise ``MissingWeightsError`` naming them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fact_lightning.models.base import BaseModel, MissingWeightsError
+
+log = logging.getLogger(__name__)
+
+MODES = ("txt2img", "inpaint", "controlnet")
+SCHEDULERS = ("ddim", "dpmsolver", "euler", "pndm")
+
+
+def inference_scheduler(base: BaseModel, name: str = "ddim"):
+    """A sampling scheduler sharing the base model's noise schedule."""
+    import diffusers
+
+    classes = {
+        "ddim": diffusers.DDIMScheduler,
+        "dpmsolver": diffusers.DPMSolverMultistepScheduler,
+        "euler": diffusers.EulerDiscreteScheduler,
+        "pndm": diffusers.PNDMScheduler,
+    }
+    if name not in classes:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of {SCHEDULERS}")
+    config = {k: v for k, v in base.noise_scheduler.config.items() if k != "_use_default_values"}
+    config["steps_offset"] = 1  # SD1.5's sampling offset
+    return classes[name].from_config(config)
+
+
+def build_pipeline(base: BaseModel, mode: str = "txt2img", *, controlnet: nn.Module | None = None,
+                   scheduler: str = "ddim"):
+    """The diffusers pipeline for ``mode`` over the base model's components (no safety checker)."""
+    import diffusers
+
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    parts = dict(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+                 scheduler=inference_scheduler(base, scheduler), safety_checker=None, feature_extractor=None,
+                 requires_safety_checker=False)
+    if mode == "controlnet":
+        if controlnet is None:
+            raise ValueError("mode 'controlnet' needs a ControlNet model")
+        return diffusers.StableDiffusionControlNetPipeline(controlnet=controlnet, **parts)
+    if controlnet is not None:
+        raise ValueError(f"a ControlNet was given but mode is {mode!r}")
+    if mode == "inpaint":
+        if base.unet.config.in_channels not in (4, 9):
+            raise ValueError(f"inpainting needs a UNet with 4 or 9 input channels, got {base.unet.config.in_channels}")
+        return diffusers.StableDiffusionInpaintPipeline(**parts)
+    if base.unet.config.in_channels != 4:
+        raise ValueError(f"text-to-image needs a 4-channel UNet; this one has {base.unet.config.in_channels} (an inpainting model?)")
+    return diffusers.StableDiffusionPipeline(**parts)
+
+
+def load_controlnet(source: str | Path, *, dtype: torch.dtype | None = None, local_files_only: bool = False):
+    """A ControlNet (e.g. OpenPose for SD1.5) from a local diffusers folder or a hub id."""
+    from diffusers import ControlNetModel
+
+    local = Path(str(source)).expanduser()
+    if not local.exists() and (str(source).startswith((".", "/", "~")) or str(source).count("/") > 1):
+        raise MissingWeightsError(f"ControlNet folder {local} does not exist")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise MissingWeightsError(f"ControlNet folder {local} has no config.json")
+    try:
+        return ControlNetModel.from_pretrained(str(local) if local.exists() else str(source), torch_dtype=dtype,
+                                               local_files_only=local_files_only).eval()
+    except (OSError, ValueError) as err:
+        raise MissingWeightsError(f"could not load the ControlNet from {str(source)!r}: {err}") from err
+
+
+def load_lora(pipeline, source: str | Path, *, adapter_name: str = "lora", weight: float = 1.0) -> str:
+    """Loads a LoRA (diffusers/kohya safetensors, file or folder, or hub id) into the pipeline's UNet and
+    text encoder through diffusers' PEFT backend, active at ``weight``. Returns the adapter name."""
+    local = Path(str(source)).expanduser()
+    if not local.exists() and (str(source).startswith((".", "/", "~")) or str(source).count("/") > 1):
+        raise MissingWeightsError(f"LoRA file {local} does not exist")
+    try:
+        if local.is_file():
+            pipeline.load_lora_weights(str(local.parent), weight_name=local.name, adapter_name=adapter_name)
+        else:
+            pipeline.load_lora_weights(str(local) if local.exists() else str(source), adapter_name=adapter_name)
+    except (OSError, ValueError) as err:
+        raise MissingWeightsError(f"could not load the LoRA from {str(source)!r}: {err}") from err
+    pipeline.set_adapters([adapter_name], adapter_weights=[weight])
+    log.info("LoRA %s loaded as %r at weight %.2f", source, adapter_name, weight)
+    return adapter_name
+
+
+# -- tiny components for CPU tests and demos ---------------------------------------------------------------
+def tiny_inpaint_unet(base: BaseModel, seed: int = 0) -> nn.Module:
+    """A seeded random 9-channel inpainting UNet with the tiny base UNet's topology."""
+    from diffusers import UNet2DConditionModel
+
+    config = {k: v for k, v in base.unet.config.items() if not k.startswith("_")}
+    config["in_channels"] = 9
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(**config)
+    return unet.requires_grad_(False).eval()
+
+
+def tiny_controlnet(unet: nn.Module, seed: int = 0, *, trained_like: bool = True) -> nn.Module:
+    """A ControlNet copied from ``unet`` (``ControlNetModel.from_unet``).
+
+    A fresh ControlNet has zero output convolutions and leaves the UNet unchanged; ``trained_like`` fills
+    them with small seeded weights so that, like a trained one, it steers the image.
+    """
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64, 64))
+    if trained_like:
+        g = torch.Generator().manual_seed(seed)
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                      controlnet.controlnet_cond_embedding.conv_out]
+        with torch.no_grad():
+            for conv in zero_convs:
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * 0.05)
+    return controlnet.requires_grad_(False).eval()
+
+
+def tiny_lora_state_dict(unet: nn.Module, seed: int = 0, rank: int = 4) -> dict[str, torch.Tensor]:
+    """A seeded random LoRA for ``unet``'s attention projections, as diffusers' PEFT state dict.
+
+    ``unet`` is left as it was (the LoRA is added to a copy).
+    """
+    import copy
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = copy.deepcopy(unet)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                init_lora_weights=False))
+    g = torch.Generator().manual_seed(seed)
+    state = get_peft_model_state_dict(unet)
+    return {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in state.items()}
+
+
+def save_tiny_lora(unet: nn.Module, folder: str | Path, seed: int = 0) -> Path:
+    """Writes a tiny random LoRA file in diffusers' format (``pytorch_lora_weights.safetensors``)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=tiny_lora_state_dict(unet, seed))
+    return folder / "pytorch_lora_weights.safetensors"
