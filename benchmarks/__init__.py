@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks.run` (make bench) or one part, e.g. `python -m benchmarks.data_bench`."""
