@@ -113,7 +113,11 @@ def _init_worker(detector: str, weights: Path | None, record_opts: RecordOptions
 
 
 def _process(item: SourceItem) -> ImageRecord | Reject:
-    return records.process_item(item, _WORKER["detector"], _WORKER["opts"], _WORKER["embedder"])
+    try:
+        return records.process_item(item, _WORKER["detector"], _WORKER["opts"], _WORKER["embedder"])
+    except Exception as exc:  # noqa: BLE001 - per-sample error handler: one bad photo must not end a build
+        logger.exception("unexpected error on %s", item.source)
+        return Reject(item.source, item.identity, records.PROCESSING_ERROR, f"{type(exc).__name__}: {exc}")
 
 
 class _Processor:
@@ -155,7 +159,8 @@ def _plan_hash(opts: BuildOptions, encoder: dict, shard: list[SourceItem]) -> st
 
 
 def _clean_out(out: Path, keep: set[str], resume: bool) -> None:
-    (out / schema.MANIFEST_NAME).unlink(missing_ok=True)
+    for name in (schema.MANIFEST_NAME, schema.MANIFEST_NAME + ".tmp", schema.REJECTS_NAME + ".tmp"):
+        (out / name).unlink(missing_ok=True)
     for path in out.iterdir():
         if _SHARD_FILE.match(path.name) and (not resume or path.name not in keep or path.name.endswith(".tmp")):
             logger.info("removing %s", path)

@@ -34,6 +34,7 @@ LANDMARKS_FAILED = "landmarks_failed"
 EMPTY_MASK = "empty_mask"
 DUPLICATE = "duplicate"
 IDENTITY_MISMATCH = "identity_mismatch"
+PROCESSING_ERROR = "processing_error"  # an unexpected exception, logged with its traceback
 
 
 @dataclass(frozen=True)

@@ -157,3 +157,22 @@ def test_split_groups_and_plan():
     for shard in plan:  # identities never split across shards
         ids = {i.identity for i in shard}
         assert all(sum(1 for s in plan if any(i.identity == name for i in s)) == 1 for name in ids)
+
+
+def test_unexpected_error_in_one_photo_becomes_a_reject(tmp_path, monkeypatch):
+    from data_tools import build, records
+
+    real = records.process_item
+
+    def flaky(item, *args, **kwargs):
+        if item.source == "fr_biden/2.jpg":
+            raise RuntimeError("boom")
+        return real(item, *args, **kwargs)
+
+    monkeypatch.setattr(records, "process_item", flaky)
+    src = tmp_path / "src"
+    import shutil
+    shutil.copytree(RAW / "fr_biden", src / "fr_biden")
+    manifest = build.run_build(build_opts(src, tmp_path / "out"))
+    assert manifest["rejects_by_reason"] == {records.PROCESSING_ERROR: 1}
+    assert manifest["counts"]["accepted"] == 1
