@@ -107,14 +107,15 @@ class FacePortraitGenerator:
         null = self.adapter.null_embedding(1, num_tokens=t).repeat(1, p, 1)
         return e_id, null
 
-    def cross_attention_kwargs(self, identity: IdentityCondition, batch: int, *, scale: float, guidance: bool,
+    def cross_attention_kwargs(self, identity: IdentityCondition, batch: int, *, adapter_scale: float, guidance: bool,
                                **extra) -> dict:
         """The UNet's ``cross_attention_kwargs`` for ``batch`` images: ``[null]*batch + [e_id]*batch`` with
         guidance (diffusers' [uncond, cond] order), ``[e_id]*batch`` without."""
         e_id, null = self.identity_embeddings(identity)
         embeddings = torch.cat([null.expand(batch, -1, -1), e_id.expand(batch, -1, -1)]) if guidance \
             else e_id.expand(batch, -1, -1)
-        return self.adapter.condition(embeddings, scale, **extra)
+        # LoRA's own key is "scale", which FaceAdapter.condition cannot take as an extra keyword: merge here.
+        return {**extra, **self.adapter.condition(embeddings, adapter_scale)}
 
     # -- generation -------------------------------------------------------------------------------------
     def __call__(self, prompt: str | list[str], identity: IdentityCondition, *, negative_prompt: str | list[str] | None = None,
@@ -137,7 +138,7 @@ class FacePortraitGenerator:
         kwargs = dict(
             prompt=prompts, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps, num_images_per_prompt=num_images, output_type="np",
-            cross_attention_kwargs=self.cross_attention_kwargs(identity, batch, scale=scale, guidance=guidance, **extra),
+            cross_attention_kwargs=self.cross_attention_kwargs(identity, batch, adapter_scale=scale, guidance=guidance, **extra),
             generator=None if seed is None else torch.Generator("cpu").manual_seed(seed),
         )
         kind = type(self.pipeline).__name__
