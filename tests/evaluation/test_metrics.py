@@ -1,0 +1,118 @@
+"""Each metric reacts the right way to a controlled change."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fact_lightning.evaluation.clip import clip_i, clip_t, tiny_clip
+from fact_lightning.evaluation.metrics import DlibFaceEmbedder, TransFaceEmbedder, face_similarity, fid
+
+FACES = Path(__file__).parents[1] / "fixtures" / "faces" / "raw"
+
+
+def _photo(identity, i=0):
+    from data_tools.decode import decode_image
+
+    return decode_image(sorted((FACES / identity).iterdir())[i].read_bytes()).image
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    return tiny_clip(0)
+
+
+@pytest.fixture(scope="module")
+def detector():
+    from data_tools.detectors import create_detector
+
+    det = create_detector("mediapipe")
+    yield det
+    det.close()
+
+
+def _images(seed, n=4):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(n)]
+
+
+def test_clip_i_and_style_prefer_identical_images(scorer):
+    a, b = _images(0), _images(1)
+    assert clip_i(scorer, a, a) == pytest.approx(100.0, abs=1e-3)
+    assert clip_i(scorer, a, b) < clip_i(scorer, a, a) - 1e-3
+
+
+def test_clip_t_prefers_the_matching_prompt(scorer):
+    """Fit the tiny CLIP contrastively on two colour/caption pairs; CLIP-T must then rank them right."""
+    import copy
+
+    fitted = copy.deepcopy(scorer)
+    red = [np.tile(np.array([220, 20, 20], np.uint8), (32, 32, 1))]
+    blue = [np.tile(np.array([20, 20, 220], np.uint8), (32, 32, 1))]
+    texts = ["a red square", "a blue square"]
+    model = fitted.model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    pixels = fitted.processor(images=red + blue, return_tensors="pt")["pixel_values"]
+    tokens = fitted.processor(text=texts, return_tensors="pt", padding=True)
+    for _ in range(30):
+        out = model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], pixel_values=pixels,
+                    return_loss=True)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    model.eval()
+    assert clip_t(fitted, red, ["a red square"]) > clip_t(fitted, red, ["a blue square"])
+    assert clip_t(fitted, blue, ["a blue square"]) > clip_t(fitted, blue, ["a red square"])
+
+
+def test_fid_is_zero_for_the_same_set_and_grows_for_another(scorer):
+    a = _images(0, 6)
+    flat = [np.full((64, 64, 3), v, np.uint8) for v in (10, 60, 110, 160, 210, 250)]
+    assert abs(fid(a, a, scorer)) < 1e-4
+    assert fid(a, flat, scorer) > 1e-3
+    with pytest.raises(ValueError, match="two images"):
+        fid(a[:1], a, scorer)
+
+
+def test_face_similarity_transface_identical_is_one(detector):
+    from fact_lightning.models.face_encoder import build_transface
+
+    embedder = TransFaceEmbedder(build_transface("tiny", seed=0), detector)
+    photo = _photo("fr_obama")
+    same = face_similarity(embedder, [photo], [photo])
+    assert same["face_sim"] == pytest.approx(1.0, abs=1e-5) and same["face_detect_rate"] == 1.0
+    blank = face_similarity(embedder, [np.full((128, 128, 3), 127, np.uint8)], [photo])
+    assert blank == {"face_sim": None, "face_detect_rate": 0.0}
+
+
+def test_face_similarity_dlib_ranks_the_same_person_higher(detector):
+    embedder = DlibFaceEmbedder(detector)
+    refs = [_photo("fr_obama", 0)]
+    same = face_similarity(embedder, [_photo("fr_obama", 1)], refs)["face_sim"]
+    other = face_similarity(embedder, [_photo("fr_biden", 0)], refs)["face_sim"]
+    identical = face_similarity(embedder, refs, refs)["face_sim"]
+    assert identical > same > other
+
+
+def test_evaluate_command_writes_json_and_tensorboard(tmp_path, capsys):
+    import shutil
+
+    from fact_lightning.evaluation.evaluate import main
+
+    ids = tmp_path / "ids"
+    shutil.copytree(FACES / "fr_obama", ids / "fr_obama")
+    out = tmp_path / "eval"
+    argv = ["--tiny", "--identities", str(ids), "--prompt", "a photo of {subject}", "--prompt", "a painting of {subject}",
+            "--subject", "a man", "--steps", "2", "--height", "64", "--width", "64", "--out", str(out)]
+    assert main(argv) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    m = report["metrics"]
+    assert set(m) == {"clip_t", "clip_t_base", "clip_t_drop", "clip_i", "face_sim", "face_detect_rate", "clip_style", "fid"}
+    assert m["clip_t_drop"] == pytest.approx(m["clip_t_base"] - m["clip_t"])
+    assert report["counts"] == {"identities": 1, "prompts": 2, "seeds": 1, "images": 2}
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(list((out / "images" / "fr_obama").glob("*.png"))) == 4
+    assert main(["--identities", str(ids), "--prompt", "a", "--out", str(out)]) == 2
+    assert "no CLIP model given" in capsys.readouterr().err
