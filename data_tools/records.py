@@ -17,6 +17,7 @@ from PIL import Image
 from data_tools import alignment, masks
 from data_tools.decode import DEFAULT_MAX_PIXELS, decode_image
 from data_tools.detectors.base import Detection, FaceDetector
+from data_tools.reference import align_reference
 from data_tools.sources import SourceItem
 from fact_lightning.data import schema
 
@@ -172,10 +173,9 @@ def process_item(item: SourceItem, detector: FaceDetector, opts: RecordOptions,
     if masks.coverage(mask) == 0.0:
         return reject(EMPTY_MASK, "the face mask is empty inside the crop")
 
-    # Reference face: ArcFace-aligned, zero outside the head mask.
-    to_face = alignment.arcface_matrix(lm, schema.FACE_SIZE)
-    fsize = (schema.FACE_SIZE, schema.FACE_SIZE)
-    aligned = masks.apply_mask(alignment.warp(image, to_face, fsize), regions.head_mask(to_face, fsize))
+    # Reference face: ArcFace-aligned, zero outside the head mask (the same code path as inference).
+    aligned = align_reference(image, face, regions)
+    to_face = alignment.arcface_matrix(lm, schema.FACE_SIZE)  # recorded in meta["align_matrix"]
 
     crop_bbox = alignment.apply_affine(to_crop, face.bbox.reshape(2, 2)).reshape(-1)
     meta = {

@@ -108,14 +108,13 @@ class FacePortraitGenerator:
         return e_id, null
 
     def cross_attention_kwargs(self, identity: IdentityCondition, batch: int, *, adapter_scale: float, guidance: bool,
-                               **extra) -> dict:
+                               lora_scale: float | None = None) -> dict:
         """The UNet's ``cross_attention_kwargs`` for ``batch`` images: ``[null]*batch + [e_id]*batch`` with
         guidance (diffusers' [uncond, cond] order), ``[e_id]*batch`` without."""
         e_id, null = self.identity_embeddings(identity)
         embeddings = torch.cat([null.expand(batch, -1, -1), e_id.expand(batch, -1, -1)]) if guidance \
             else e_id.expand(batch, -1, -1)
-        # LoRA's own key is "scale", which FaceAdapter.condition cannot take as an extra keyword: merge here.
-        return {**extra, **self.adapter.condition(embeddings, adapter_scale)}
+        return self.adapter.condition(embeddings, adapter_scale, lora_scale=lora_scale)
 
     # -- generation -------------------------------------------------------------------------------------
     def __call__(self, prompt: str | list[str], identity: IdentityCondition, *, negative_prompt: str | list[str] | None = None,
@@ -134,11 +133,11 @@ class FacePortraitGenerator:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         batch = len(prompts) * num_images
         guidance = guidance_scale > 1.0
-        extra = {} if lora_scale is None else {"scale": lora_scale}
         kwargs = dict(
             prompt=prompts, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps, num_images_per_prompt=num_images, output_type="np",
-            cross_attention_kwargs=self.cross_attention_kwargs(identity, batch, adapter_scale=scale, guidance=guidance, **extra),
+            cross_attention_kwargs=self.cross_attention_kwargs(identity, batch, adapter_scale=scale, guidance=guidance,
+                                                         lora_scale=lora_scale),
             generator=None if seed is None else torch.Generator("cpu").manual_seed(seed),
         )
         kind = type(self.pipeline).__name__

@@ -107,11 +107,16 @@ class FaceAdapter(nn.Module):
         return self.project(zeros)
 
     @staticmethod
-    def condition(face_embeddings: torch.Tensor, scale: float | torch.Tensor = 1.0, **extra) -> dict:
+    def condition(
+        face_embeddings: torch.Tensor, scale: float | torch.Tensor = 1.0, *, lora_scale: float | None = None, **extra
+    ) -> dict:
         """``cross_attention_kwargs`` for a UNet call conditioned on ``face_embeddings`` at adapter scale ``scale``.
 
-        Extra keyword arguments (e.g. LoRA's ``scale``) are passed through unchanged.
+        ``lora_scale`` becomes diffusers' own ``"scale"`` key (the LoRA scale); other keyword arguments are
+        passed through unchanged.
         """
+        if lora_scale is not None:
+            extra["scale"] = lora_scale
         return {**extra, CONDITION_KEY: FaceCondition(face_embeddings, scale)}
 
     @contextlib.contextmanager

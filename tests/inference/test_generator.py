@@ -33,7 +33,7 @@ def test_guidance_pairs_negative_prompt_with_the_id_drop_embedding(make_generato
     assert emb.shape == (6, 16, 32) and kwargs["fact"].scale == 0.5
     assert torch.equal(emb[:3], null.expand(3, -1, -1)) and torch.equal(emb[3:], e_id.expand(3, -1, -1))
     assert torch.allclose(null, gen.adapter.null_embedding(1))
-    no_cfg = gen.cross_attention_kwargs(identity, 2, adapter_scale=0.5, guidance=False, scale=0.7)
+    no_cfg = gen.cross_attention_kwargs(identity, 2, adapter_scale=0.5, guidance=False, lora_scale=0.7)
     assert no_cfg["fact"].embeddings.shape == (2, 16, 32) and no_cfg["scale"] == 0.7  # LoRA's key passes
     # The pipeline runs both ways, several images per prompt.
     assert len(gen(["a", "b"], identity, num_images=2, seed=1, **FAST)) == 4

@@ -182,3 +182,9 @@ def test_batch_mismatch_is_a_clear_error(tiny_unet, unet_inputs):
     adapter = _adapter(tiny_unet)
     with pytest.raises(ValueError, match="batch"), torch.no_grad():
         run(tiny_unet, unet_inputs, cross_attention_kwargs=adapter.condition(_face(adapter, 3)))
+
+
+def test_condition_carries_the_lora_scale_under_diffusers_key():
+    kwargs = FaceAdapter.condition(torch.zeros(1, 16, 32), scale=0.5, lora_scale=0.8, other=1)
+    assert kwargs["scale"] == 0.8 and kwargs["other"] == 1 and kwargs["fact"].scale == 0.5
+    assert "scale" not in FaceAdapter.condition(torch.zeros(1, 16, 32), 0.5)
