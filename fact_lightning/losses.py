@@ -12,6 +12,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors to float32 for reductions; float32 and float64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def random_loss_masks(face_mask: torch.Tensor, use_mask: torch.Tensor) -> torch.Tensor:
     """M_r(p) of Eq. 4: the face mask for samples with ``use_mask``, all ones for the others.
 
@@ -34,8 +39,8 @@ def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torc
     unmasked one, so the masked-loss probability changes where the model looks, not the learning rate.
     A sample whose weight is all zero (no face found at latent scale) contributes 0.
     """
-    se = (pred.float() - target.float()).pow(2) * weight.float()
-    area = weight.float().sum(dim=(1, 2, 3)) * pred.shape[1]
+    se = (_upcast(pred) - _upcast(target)).pow(2) * _upcast(weight)
+    area = _upcast(weight).sum(dim=(1, 2, 3)) * pred.shape[1]
     return se.sum(dim=(1, 2, 3)) / area.clamp_min(1e-6)
 
 
@@ -56,7 +61,7 @@ def token_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
 
 def mask_tokens(face_mask: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """The face mask resized to a block's token grid by area averaging: (B, 1, H, W) -> (B, h*w, 1)."""
-    resized = F.interpolate(face_mask.float(), size=grid, mode="area")
+    resized = F.interpolate(face_mask, size=grid, mode="area")
     return resized.flatten(2).transpose(1, 2)
 
 
@@ -68,8 +73,8 @@ def fair(x: torch.Tensor, increment: torch.Tensor, mask: torch.Tensor, eps: floa
     normaliser of the block's own activations and takes no gradient (it holds no adapter weight at all).
     """
     outside = 1.0 - mask.to(x.dtype)
-    num = (increment * outside).float().flatten(1).norm(dim=1)
-    den = (x.detach() * outside).float().flatten(1).norm(dim=1)
+    num = _upcast(increment * outside).flatten(1).norm(dim=1)
+    den = _upcast(x.detach() * outside).flatten(1).norm(dim=1)
     return num / (den + eps)
 
 
@@ -95,8 +100,8 @@ def increment_inside_outside(
 
     increment: (B, N, D); mask: (B, N, 1) in [0, 1]. Token norms are weighted by the (soft) mask.
     """
-    sq = increment.float().pow(2).sum(dim=-1, keepdim=True)
-    m = mask.float()
+    sq = _upcast(increment).pow(2).sum(dim=-1, keepdim=True)
+    m = _upcast(mask)
     inside = (sq * m).sum(dim=(1, 2)) / (m.sum(dim=(1, 2)) + eps)
     outside = (sq * (1 - m)).sum(dim=(1, 2)) / ((1 - m).sum(dim=(1, 2)) + eps)
     return inside.sqrt(), outside.sqrt()

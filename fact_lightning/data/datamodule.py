@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .pipeline import SkipAndCount, build_pipeline, check_manifest, expected_counts, read_all, read_manifest, shard_urls
 
@@ -95,7 +95,12 @@ class FactDataModule(pl.LightningDataModule):
         if hp.streaming:
             return DataLoader(self._train, batch_size=hp.batch_size, num_workers=hp.num_workers,
                               persistent_workers=hp.num_workers > 0, drop_last=True)
-        return DataLoader(self._train, batch_size=hp.batch_size, shuffle=hp.shuffle, drop_last=True, num_workers=0)
+        # Our own sampler, also with one process: the same (seed, epoch) permutation split r::world, so a run
+        # on N processes sees the same global batches as one process with an N times larger batch.
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
+        sampler = DistributedSampler(self._train, num_replicas=world, rank=rank, shuffle=hp.shuffle, seed=hp.seed,
+                                     drop_last=True)
+        return DataLoader(self._train, batch_size=hp.batch_size, sampler=sampler, drop_last=True, num_workers=0)
 
     def val_dataloader(self):
         if self._val is None:

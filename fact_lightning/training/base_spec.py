@@ -12,7 +12,7 @@ import torch
 
 from ..models.base import BaseModel, load_base_model, tiny_base_model
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 FrozenDtype = Literal["float32", "bfloat16", "float16"]
 
 
@@ -59,14 +59,22 @@ class PretrainedBase(BaseModelSpec):
 
 
 class TinyBase(BaseModelSpec):
-    """Seeded random components with SD1.5's topology (16 adapted blocks), for CPU tests and demos."""
+    """Seeded random components with SD1.5's topology (16 adapted blocks), for CPU tests and demos.
 
-    def __init__(self, seed: int = 0, cross_attention_dim: int = 32):
+    ``dtype="float64"`` serves numerical comparisons (e.g. distributed vs. single-process runs).
+    """
+
+    def __init__(self, seed: int = 0, cross_attention_dim: int = 32,
+                 dtype: Literal["float32", "bfloat16", "float64"] = "float32"):
         self.seed = seed
         self.cross_attention_dim = cross_attention_dim
+        self.dtype = dtype
 
     def build(self) -> BaseModel:
-        return tiny_base_model(seed=self.seed, cross_attention_dim=self.cross_attention_dim)
+        base = tiny_base_model(seed=self.seed, cross_attention_dim=self.cross_attention_dim)
+        for module in base.frozen_modules():
+            module.to(_DTYPES[self.dtype])
+        return base
 
     def describe(self) -> str:
         return f"tiny(seed={self.seed}, cross_attention_dim={self.cross_attention_dim})"

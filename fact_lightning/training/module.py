@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Literal
 
 import lightning.pytorch as pl
 import torch
@@ -40,12 +41,13 @@ class FactModule(pl.LightningModule):
         fair_weight: lambda in Eq. 4.
         seed: seeds every per-sample draw together with the step and the sample key.
         gradient_checkpointing: recompute the UNet's blocks in backward (less memory, ~30% slower).
+        adapter_dtype: the trainable weights' dtype (float64 only for numerical checks on CPU).
     """
 
     def __init__(
         self,
         base: BaseModelSpec,
-        projection: ResamplerConfig | None = None,
+        projection: ResamplerConfig = ResamplerConfig(),  # a frozen value object: the official sizes
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         adapter_scale: float = 1.0,
@@ -56,6 +58,7 @@ class FactModule(pl.LightningModule):
         fair_weight: float = 0.01,
         seed: int = 0,
         gradient_checkpointing: bool = False,
+        adapter_dtype: Literal["float32", "float64"] = "float32",
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["base", "optimizer", "lr_scheduler"])
@@ -78,6 +81,7 @@ class FactModule(pl.LightningModule):
         self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
         self.tokenizer, self.noise_scheduler = base.tokenizer, base.noise_scheduler
         self.adapter = FaceAdapter.for_unet(self.unet, self.projection_config)
+        self.adapter.to(getattr(torch, self.hparams.adapter_dtype))
         mark_only_adapter_trainable(self.unet, self.adapter, self.vae, self.text_encoder)
         if self.hparams.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -86,8 +90,10 @@ class FactModule(pl.LightningModule):
             from torch.distributed.fsdp import fully_shard
 
             mesh = self.device_mesh["data_parallel"]
+            # fully_shard refuses 0-d parameters: the scalar gates stay replicated, their gradients are
+            # averaged by hand in on_after_backward.
             for block in self.adapter.blocks.values():
-                fully_shard(block, mesh=mesh)
+                fully_shard(block, mesh=mesh, ignored_params={block.alpha_attn, block.alpha_dense})
             fully_shard(self.adapter.projection, mesh=mesh)
         log.info("adapter: %d blocks, %.2fM trainable parameters", len(self.adapter.sites),
                  sum(p.numel() for p in self.adapter.parameters()) / 1e6)
@@ -105,6 +111,18 @@ class FactModule(pl.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
+    def on_after_backward(self) -> None:
+        if self.device_mesh is None:
+            return
+        import torch.distributed as dist
+
+        gates = [p for b in self.adapter.blocks.values() for p in (b.alpha_attn, b.alpha_dense) if p.grad is not None]
+        if gates:
+            flat = torch.stack([p.grad for p in gates])
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.device_mesh["data_parallel"].get_group())
+            for p, g in zip(gates, flat):
+                p.grad.copy_(g)
+
     @property
     def probabilities(self) -> ConditionProbabilities:
         hp = self.hparams
@@ -121,7 +139,7 @@ class FactModule(pl.LightningModule):
         """(B, T, cross_dim) identity tokens: paired, shuffled or Prj(zeros) per ``face`` (B,) FaceChoice."""
         face = face.to(self.device)
         tokens = torch.where((face == FaceChoice.SHUFFLED).view(-1, 1, 1), batch["shuffled_tokens"], batch["tokens"])
-        embeddings = self.adapter.project(tokens)
+        embeddings = self.adapter.project(tokens.to(self.adapter.projection.latents.dtype))
         null = self.adapter.null_embedding(1, tokens.shape[1])
         return torch.where((face == FaceChoice.DROPPED).view(-1, 1, 1), null.expand_as(embeddings), embeddings)
 
@@ -132,7 +150,8 @@ class FactModule(pl.LightningModule):
         with torch.no_grad():
             dist = self.vae.encode(batch["pixels"].to(self.vae.dtype)).latent_dist
             eps = draw_normal(generators, tuple(dist.mean.shape[1:])).to(dist.mean)
-            latents = ((dist.mean + dist.std * eps) * self.vae.config.scaling_factor).float()
+            latents = (dist.mean + dist.std * eps) * self.vae.config.scaling_factor
+            latents = latents.to(torch.promote_types(latents.dtype, torch.float32))
             captions = ["" if drop else c for c, drop in zip(batch["caption"], decisions.drop_text.tolist())]
             text = self.encode_text(captions)
         noise = draw_normal(generators, tuple(latents.shape[1:])).to(latents)
@@ -149,7 +168,7 @@ class FactModule(pl.LightningModule):
             pred = self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=text,
                              cross_attention_kwargs=kwargs).sample
             fair = losses.fair_per_block(records, batch["mask"], latent_hw)
-        mask_latent = F.interpolate(batch["mask"].float(), size=latent_hw, mode="area")
+        mask_latent = F.interpolate(batch["mask"].to(latents.dtype), size=latent_hw, mode="area")
         weight = losses.random_loss_masks(mask_latent, decisions.use_mask)
         diffusion = losses.masked_diffusion_loss(pred, target, weight).mean()
         fair_means = {path: value.mean() for path, value in fair.items()}
