@@ -61,7 +61,9 @@ class FactModule(pl.LightningModule):
         adapter_dtype: Literal["float32", "float64"] = "float32",
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["base", "optimizer", "lr_scheduler"])
+        # Plain values only: checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(ignore=["base", "optimizer", "lr_scheduler", "projection"])
+        self.hparams["projection"] = projection.to_dict()
         self.base_spec = base
         self.projection_config = projection
         self.optimizer_factory = optimizer
