@@ -40,14 +40,13 @@ def increment_ratio(module: FactModule, samples: list[dict], batch_size: int = 4
     inside, outside = {}, {}
     for start in range(0, len(samples), batch_size):
         batch = default_collate(samples[start:start + batch_size])
-        with module.adapter.capture() as records:
-            module.compute_losses(batch, step=-1 - start)
-            latent_hw = (batch["pixels"].shape[-2] // 8, batch["pixels"].shape[-1] // 8)
-            for path, (x, inc) in records.items():
-                mask = losses.mask_tokens(batch["mask"], losses.token_grid(x.shape[1], latent_hw))
-                i, o = losses.increment_inside_outside(inc, mask)
-                inside.setdefault(path, []).append(i)
-                outside.setdefault(path, []).append(o)
+        records = module.compute_losses(batch, step=-1 - start)["records"]
+        latent_hw = (batch["pixels"].shape[-2] // 8, batch["pixels"].shape[-1] // 8)
+        for path, (x, inc) in records.items():
+            mask = losses.mask_tokens(batch["mask"], losses.token_grid(x.shape[1], latent_hw))
+            i, o = losses.increment_inside_outside(inc, mask)
+            inside.setdefault(path, []).append(i)
+            outside.setdefault(path, []).append(o)
     per_block = {p: (torch.cat(outside[p]).mean() / torch.cat(inside[p]).mean().clamp_min(1e-12)).item() for p in inside}
     return {"mean_outside_over_inside": sum(per_block.values()) / len(per_block), "per_block": per_block}
 

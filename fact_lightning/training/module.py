@@ -177,7 +177,8 @@ class FactModule(pl.LightningModule):
         fair_total = torch.stack(list(fair_means.values())).sum()
         weight_fair = self.hparams.fair_weight
         total = diffusion + weight_fair * fair_total if weight_fair > 0 else diffusion
-        return {"loss": total, "diffusion": diffusion, "fair_total": fair_total, "fair": fair_means, "decisions": decisions}
+        return {"loss": total, "diffusion": diffusion, "fair_total": fair_total, "fair": fair_means,
+                "decisions": decisions, "records": records}
 
     def training_step(self, batch: dict, batch_idx: int):
         out = self.compute_losses(batch, self.global_step)
