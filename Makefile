@@ -17,8 +17,23 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The main job on the embedded defaults: shards from the sample photos (tiny random TransFace), a short
+# tiny-config training run on CPU (TensorBoard logs, checkpoints, exported adapters), then portraits
+# generated with the adapter it trained.
+DEMO := demo_out
 demo: $(STAMP)
-	$(PY) -m fact_lightning.demo --out demo_out
+	$(VENV)/bin/fact-data build --src tests/fixtures/faces/raw --out $(DEMO)/shards \
+		--resolution 128 --encoder tiny --random-encoder --images-per-shard 4
+	cd $(DEMO) && ../$(VENV)/bin/fact-train fit --config ../configs/tiny.yaml --data.root shards
+	$(VENV)/bin/fact-generate --tiny --adapter $(DEMO)/runs/tiny/adapters/final/adapter.safetensors \
+		--reference tests/fixtures/faces/raw/fr_obama/1.jpg --prompt "a photo of a man, best quality" \
+		--seed 0 --seed 1 --steps 10 --height 128 --width 128 --out $(DEMO)/generate
+	@echo
+	@echo "shards:      $(DEMO)/shards (fact-data inspect $(DEMO)/shards)"
+	@echo "checkpoints: $(DEMO)/runs/tiny/checkpoints"
+	@echo "adapter:     $(DEMO)/runs/tiny/adapters/final/adapter.safetensors (+ fact_adapter.bin, official format)"
+	@echo "portraits:   $(DEMO)/generate/images"
+	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO)/runs/tiny/tensorboard"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --out bench_results

@@ -16,7 +16,8 @@ class FactCLI(LightningCLI):
         parser.link_arguments("model.projection.token_dim", "data.token_dim")
 
 
-def main(args: list[str] | None = None) -> FactCLI:
+def build_cli(args: list[str] | None = None) -> FactCLI:
+    """Parses ``args`` (default: sys.argv) and runs the subcommand; returns the CLI (its trainer, model...)."""
     return FactCLI(
         FactModule,
         FactDataModule,
@@ -24,6 +25,11 @@ def main(args: list[str] | None = None) -> FactCLI:
         parser_kwargs={"description": "Train FACT face adapters on Stable Diffusion 1.5."},
         args=args,
     )
+
+
+def main(args: list[str] | None = None) -> None:
+    """Console entry point: returns None so that ``sys.exit(main())`` exits 0 on success."""
+    build_cli(args)
 
 
 if __name__ == "__main__":
