@@ -168,22 +168,27 @@ def run(args: argparse.Namespace) -> dict:
         "scale": args.scale, "guidance_scale": args.guidance_scale, "steps": args.steps, "seeds": seeds,
         "num_images": args.num_images, "height": args.height, "width": args.width, "template": args.template,
         "mask": args.mask, "control_image": args.control_image, "controlnet_scale": args.controlnet_scale,
-        "images": entries,
+        "images": entries, "out": str(out),
     }
     (out / "settings.json").write_text(json.dumps(settings, indent=2))
     return settings
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_guarded(run, args: argparse.Namespace) -> tuple[int, object]:
+    """Runs a command; a missing file or weight, or a bad input, is one clear line and exit code 2."""
     from data_tools.reference import NoFaceError
     from fact_lightning.models.base import MissingWeightsError
 
-    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        settings = run(args)
+        return 0, run(args)
     except (MissingWeightsError, FileNotFoundError, NoFaceError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{len(settings['images'])} images and settings.json written to {args.out}")
-    return 0
+        return 2, None
+
+
+def main(argv: list[str] | None = None) -> int:
+    code, settings = run_guarded(run, build_parser().parse_args(argv))
+    if code == 0:
+        print(f"{len(settings['images'])} images and settings.json written to {settings['out']}")
+    return code

@@ -99,7 +99,7 @@ def test_face_similarity_dlib_ranks_the_same_person_higher(detector):
 def test_evaluate_command_writes_json_and_tensorboard(tmp_path, capsys):
     import shutil
 
-    from fact_lightning.evaluation.evaluate import main
+    from fact_lightning.evaluation.cli import main
 
     ids = tmp_path / "ids"
     shutil.copytree(FACES / "fr_obama", ids / "fr_obama")

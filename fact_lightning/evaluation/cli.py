@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -137,15 +136,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_tools.reference import NoFaceError
-    from fact_lightning.models.base import MissingWeightsError
+    from fact_lightning.inference.cli import run_guarded
 
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = run(args)
-    except (MissingWeightsError, FileNotFoundError, NoFaceError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(report["metrics"], indent=2))
-    return 0
+    code, report = run_guarded(run, build_parser().parse_args(argv))
+    if code == 0:
+        print(json.dumps(report["metrics"], indent=2))
+    return code
