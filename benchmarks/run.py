@@ -42,6 +42,12 @@ def main() -> None:
         (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
         summary["parts"][name] = result
         print(f"{name}: {json.dumps(result, indent=2)}")
+    data, train = summary["parts"].get("data_bench"), summary["parts"].get("train_bench")
+    if data and train:
+        # One training sample is one image: how many times faster the shards are read than a step consumes them.
+        ratio = data["shard_read"]["images_per_s"] / train["samples_per_s"]
+        data["train_step_consumption_ratio"] = summary["read_over_train_consumption"] = round(ratio, 2)
+        (args.out / "data_bench.json").write_text(json.dumps(data, indent=2))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {args.out / 'summary.json'}")
 

@@ -22,11 +22,11 @@ import torch
 
 from fact_lightning.data.datamodule import FactDataModule
 from fact_lightning.experiments.synthetic import write_synthetic_shards
-from fact_lightning.models.resampler import ResamplerConfig
+from fact_lightning.models.resampler import TINY_RESAMPLER
 from fact_lightning.training.base_spec import TinyBase
 from fact_lightning.training.module import FactModule
 
-PROJECTION = ResamplerConfig(token_dim=64, dim=64, depth=2, heads=2, dim_head=32, output_dim=32)
+PROJECTION = TINY_RESAMPLER
 
 
 def _timed(fn, repeats: int) -> float:

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
 from fact_lightning.models.base import tiny_base_model
-from fact_lightning.models.resampler import ResamplerConfig
+from fact_lightning.models.resampler import TINY_RESAMPLER, ResamplerConfig
 
 TINY_TOKEN_DIM = 64  # the tiny TransFace's token width
 
 
 def tiny_projection_config(output_dim: int = 32) -> ResamplerConfig:
-    return ResamplerConfig(token_dim=TINY_TOKEN_DIM, dim=64, depth=2, heads=2, dim_head=64, output_dim=output_dim)
+    return dataclasses.replace(TINY_RESAMPLER, output_dim=output_dim)
 
 
 @pytest.fixture(scope="session")

@@ -23,14 +23,14 @@ from torch.utils.data import default_collate
 
 from .. import losses
 from ..data.datamodule import FactDataModule
-from ..models.resampler import ResamplerConfig
+from ..models.resampler import TINY_RESAMPLER
 from ..training.base_spec import TinyBase
 from ..training.module import FactModule
 from .synthetic import write_synthetic_shards
 
 log = logging.getLogger(__name__)
 
-PROJECTION = ResamplerConfig(token_dim=64, dim=64, depth=2, heads=2, dim_head=32, output_dim=32)
+PROJECTION = TINY_RESAMPLER
 
 
 @torch.no_grad()

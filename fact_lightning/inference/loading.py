@@ -5,6 +5,7 @@ Shared by ``python -m fact_lightning.inference`` and the evaluation command.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,14 +114,13 @@ def load_generator(src: GeneratorSources) -> FacePortraitGenerator:
 def random_tiny_adapter(unet, seed: int = 0):
     """A seeded random tiny adapter (64-wide face tokens) with non-zero gates, attached to ``unet``."""
     from fact_lightning.models.injection import FaceAdapter
-    from fact_lightning.models.resampler import ResamplerConfig
+    from fact_lightning.models.resampler import TINY_RESAMPLER
 
     log.warning("no adapter file given: using a RANDOM tiny adapter (demo only)")
     cross = unet.config.cross_attention_dim
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        adapter = FaceAdapter.for_unet(unet, ResamplerConfig(token_dim=64, dim=64, depth=2, heads=2, dim_head=64,
-                                                             output_dim=cross))
+        adapter = FaceAdapter.for_unet(unet, dataclasses.replace(TINY_RESAMPLER, output_dim=cross))
         with torch.no_grad():
             for block in adapter.blocks.values():
                 block.alpha_attn.fill_(1.0)

@@ -149,6 +149,9 @@ def native_to_official(adapter: FaceAdapter) -> dict[str, torch.Tensor]:
 def export_fact_checkpoint(adapter: FaceAdapter, path: str | Path) -> Path:
     """Writes an attached adapter in the official FACT format (a torch file the official code loads)."""
     path = Path(path)
+    if adapter.projection.config.dim_head != 64:
+        log.warning("the official format does not store the projection's head split: load %s with dim_head=%d",
+                    path, adapter.projection.config.dim_head)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(native_to_official(adapter), tmp)

@@ -35,6 +35,11 @@ class ResamplerConfig:
         return asdict(self)
 
 
+# The projection of the tiny CPU configs (tests, demo): the tiny TransFace's 64-wide tokens -> 32-wide UNet.
+# Its heads are 64 wide as the official ones, so that its official-format export loads back unchanged.
+TINY_RESAMPLER = ResamplerConfig(token_dim=64, dim=64, depth=2, heads=2, dim_head=64, output_dim=32)
+
+
 class PerceiverAttention(nn.Module):
     """Latent queries attend over [face tokens, latents]."""
 

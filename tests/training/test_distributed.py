@@ -41,7 +41,7 @@ trainer:
 model:
   base: {{class_path: fact_lightning.training.base_spec.TinyBase, init_args: {{dtype: float64}}}}
   adapter_dtype: float64
-  projection: {{token_dim: 64, dim: 64, depth: 2, heads: 2, dim_head: 32, output_dim: 32}}
+  projection: {{token_dim: 64, dim: 64, depth: 2, heads: 2, dim_head: 64, output_dim: 32}}
   optimizer: {{class_path: torch.optim.SGD, init_args: {{lr: 0.1}}}}
   fair_weight: 0.1
 data:
@@ -75,12 +75,12 @@ def initial_weights():
     """The adapter the runs start from (seed_everything(0), then configure_model, as fact-train does)."""
     import lightning.pytorch as pl
 
-    from fact_lightning.models.resampler import ResamplerConfig
+    from fact_lightning.models.resampler import TINY_RESAMPLER
     from fact_lightning.training.base_spec import TinyBase
     from fact_lightning.training.module import FactModule
 
     pl.seed_everything(0)
-    module = FactModule(TinyBase(), ResamplerConfig(token_dim=64, dim=64, depth=2, heads=2, dim_head=32, output_dim=32))
+    module = FactModule(TinyBase(), TINY_RESAMPLER)
     module.configure_model()
     return {k: v.detach().double() for k, v in module.adapter.state_dict().items()}
 
@@ -105,6 +105,8 @@ def test_two_processes_match_single(strategy, single_process, initial_weights, s
     moved = flat(want, keys) - flat(init, keys)
     error = flat(got, keys) - flat(want, keys)
     assert moved.norm() > 1e-3  # the runs trained (init matches: a wrong init would fail the next line)
-    assert (error.norm() / moved.norm()).item() < 1e-4  # measured: DDP < 1e-6, FSDP2 2e-5
+    # Measured: DDP < 1e-6, FSDP2 2e-5 to 3e-4 (the frozen UNet runs in float32 on other batch splits, and the
+    # zero-initialised gates' first gradients amplify that noise). Without the gates' gradient sync: 1.6.
+    assert (error.norm() / moved.norm()).item() < 1e-3
     gates = [k for k in keys if k.endswith(("alpha_attn", "alpha_dense"))]
-    assert (flat(got, gates) - flat(want, gates)).norm() < 1e-4 * flat(want, gates).norm()
+    assert (flat(got, gates) - flat(want, gates)).norm() < 1e-3 * flat(want, gates).norm()

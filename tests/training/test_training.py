@@ -13,11 +13,11 @@ from torch.utils.data import default_collate
 from fact_lightning.callbacks.curriculum import ShuffleCurriculum
 from fact_lightning.callbacks.export import AdapterExport
 from fact_lightning.data.datamodule import FactDataModule
-from fact_lightning.models.resampler import ResamplerConfig
+from fact_lightning.models.resampler import TINY_RESAMPLER
 from fact_lightning.training.base_spec import TinyBase
 from fact_lightning.training.module import FactModule
 
-PROJECTION = ResamplerConfig(token_dim=64, dim=64, depth=2, heads=2, dim_head=32, output_dim=32)
+PROJECTION = TINY_RESAMPLER
 
 
 def make_module(lr: float = 3e-3, **kw) -> FactModule:
@@ -60,7 +60,8 @@ def test_learns_and_the_adapter_only_acts_after_training(two_image_shards, tmp_p
     after = fixed_loss()
     assert after < 0.99 * before, (before, after)  # measured here: 1.149 -> 1.113
     gates = module.gate_values()
-    assert all(abs(a) > 1e-4 and abs(f) > 1e-4 for a, f in gates.values())
+    # Every block's gates left 0 (a single gate may be crossing zero at any given step).
+    assert all(abs(a) + abs(f) > 1e-3 for a, f in gates.values()), gates
     assert adapter_effect() > 1e-3
 
 
@@ -72,7 +73,7 @@ def test_checkpoint_holds_only_the_adapter_and_resume_continues(shards, tmp_path
     make_trainer(tmp_path, 3, [ShuffleCurriculum(**curriculum), ckpt,
                                AdapterExport(dirpath=str(tmp_path / "adapters"))]).fit(first, make_data(shards, 2))
     path = tmp_path / "ckpt" / "last.ckpt"
-    saved = torch.load(path, weights_only=False)
+    saved = torch.load(path, weights_only=True)
     assert set(saved["state_dict"]) == first.adapter_keys()  # no frozen UNet/VAE/text weights
     assert not any(k.startswith(("unet.", "vae.", "text_encoder.")) for k in saved["state_dict"])
     assert saved["global_step"] == 3
