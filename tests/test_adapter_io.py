@@ -34,7 +34,7 @@ def test_one_loader_reads_both_formats(trained_adapter, tiny_base, tmp_path):
     official = export_fact_checkpoint(trained_adapter, tmp_path / "adapter.ckpt")
     trained_adapter.detach()
     loaded = load_adapter(official, tiny_base.unet)
-    assert torch.equal(loaded.blocks["mid_block_attentions_0_transformer_blocks_0"].alpha_attn, torch.tensor(0.7))
+    assert torch.equal(loaded.blocks["mid_block_attentions_0_transformer_blocks_0"].alpha_attn, torch.tensor([0.7]))
 
 
 def test_bad_native_files_are_clear_errors(trained_adapter, tiny_base, tmp_path):

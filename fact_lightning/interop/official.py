@@ -141,7 +141,10 @@ def native_to_official(adapter: FaceAdapter) -> dict[str, torch.Tensor]:
     out = {PROJECTION_PREFIX + k: v for k, v in adapter.projection.state_dict().items()}
     for site, block in zip(adapter.sites, adapter.attached_blocks, strict=True):
         prefix = site.official_processor + "."
-        out.update({prefix + k: v for k, v in adapter.blocks[site.key].state_dict().items()})
+        block_state = adapter.blocks[site.key].state_dict()
+        for gate in ("alpha_attn", "alpha_dense"):  # the release stores its gates as 0-d scalars
+            block_state[gate] = block_state[gate].reshape(())
+        out.update({prefix + k: v for k, v in block_state.items()})
         out.update({prefix + MOVED_NORM + k: v for k, v in block.norm2.state_dict().items()})
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 

@@ -5,7 +5,8 @@ Paper Eq. 2 in the official two-gate form (the GLIGEN fuser):
     x = x + a * tanh(alpha_dense) * FF(norm2(x))
 Both gates start at 0, so a freshly attached adapter leaves the UNet unchanged. Parameter names are the
 official processor's (``linear``, ``attn.to_q``..., ``ff.net.0.proj``, ``ff.net.2``, ``norm1``, ``norm2``,
-``alpha_attn``, ``alpha_dense``).
+``alpha_attn``, ``alpha_dense``). The gates are 1-element tensors, not the release's 0-d scalars, because
+FSDP2 cannot shard 0-d parameters; scalar gates in a state dict are upgraded on load.
 """
 
 from __future__ import annotations
@@ -77,11 +78,18 @@ class GatedFaceAttention(nn.Module):
         self.ff = _FeedForward(width)
         self.norm1 = nn.LayerNorm(width)
         self.norm2 = nn.LayerNorm(width)
-        self.alpha_attn = nn.Parameter(torch.tensor(0.0))
-        self.alpha_dense = nn.Parameter(torch.tensor(0.0))
+        self.alpha_attn = nn.Parameter(torch.zeros(1))
+        self.alpha_dense = nn.Parameter(torch.zeros(1))
         # Where this block reports (input, increment) for FAIR during a forward pass; None = not recording.
         self.sink: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.name = ""
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for gate in ("alpha_attn", "alpha_dense"):  # official files (and scalars) store 0-d gates
+            key = prefix + gate
+            if key in state_dict and state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, condition: FaceCondition) -> torch.Tensor:
         face = condition.embeddings

@@ -92,10 +92,8 @@ class FactModule(pl.LightningModule):
             from torch.distributed.fsdp import fully_shard
 
             mesh = self.device_mesh["data_parallel"]
-            # fully_shard refuses 0-d parameters: the scalar gates stay replicated, their gradients are
-            # averaged by hand in on_after_backward.
             for block in self.adapter.blocks.values():
-                fully_shard(block, mesh=mesh, ignored_params={block.alpha_attn, block.alpha_dense})
+                fully_shard(block, mesh=mesh)
             fully_shard(self.adapter.projection, mesh=mesh)
         log.info("adapter: %d blocks, %.2fM trainable parameters", len(self.adapter.sites),
                  sum(p.numel() for p in self.adapter.parameters()) / 1e6)
@@ -112,18 +110,6 @@ class FactModule(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
-
-    def on_after_backward(self) -> None:
-        if self.device_mesh is None:
-            return
-        import torch.distributed as dist
-
-        gates = [p for b in self.adapter.blocks.values() for p in (b.alpha_attn, b.alpha_dense) if p.grad is not None]
-        if gates:
-            flat = torch.stack([p.grad for p in gates])
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG, group=self.device_mesh["data_parallel"].get_group())
-            for p, g in zip(gates, flat):
-                p.grad.copy_(g)
 
     @property
     def probabilities(self) -> ConditionProbabilities:

@@ -114,6 +114,7 @@ def test_official_round_trip_is_lossless(tiny_unet, official_file, tmp_path):
     assert original.keys() == again.keys()
     assert all(torch.equal(original[k], again[k]) for k in original)
     assert sum(k.endswith(".ln.weight") for k in original) == 16
+    assert original["mid_block.attentions.0.transformer_blocks.0.attn2.processor.alpha_attn"].dim() == 0  # as released
 
 
 def test_official_sd15_key_names_are_produced(tiny_unet, official_file):
