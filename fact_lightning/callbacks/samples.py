@@ -6,11 +6,11 @@ import logging
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from ..training.sampling import generate
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,11 @@ class SampleImages(pl.Callback):
             return
         n = min(self.num_samples, len(batch["key"]))
         resolution = batch["pixels"].shape[-1]
-        tokens = batch["tokens"][:n]
         was_training = pl_module.training
         pl_module.eval()
         try:
-            common = dict(resolution=resolution, steps=self.inference_steps, guidance=self.guidance, seed=self.seed)
-            with_adapter = generate(pl_module, tokens, self.prompt, adapter_scale=self.adapter_scale, **common)
-            without = generate(pl_module, tokens, self.prompt, adapter_scale=0.0, **common)
+            with_adapter = self._generate(pl_module, batch["tokens"][:n], resolution, self.adapter_scale)
+            without = self._generate(pl_module, batch["tokens"][:n], resolution, 0.0)
         finally:
             pl_module.train(was_training)
         if not trainer.is_global_zero:
@@ -72,3 +70,18 @@ class SampleImages(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples/face_target_adapter_base", grid, step)
+
+    def _generate(self, module: pl.LightningModule, tokens: torch.Tensor, resolution: int, scale: float) -> torch.Tensor:
+        """One fixed-seed image per sample's cached face tokens, through the inference generator: (B, 3, R, R)."""
+        from ..inference.generator import FacePortraitGenerator, IdentityCondition
+        from ..models.base import BaseModel
+
+        base = BaseModel(module.unet, module.vae, module.text_encoder, module.tokenizer, module.noise_scheduler)
+        generator = FacePortraitGenerator.from_components(base, module.adapter)
+        images = [
+            generator(self.prompt, IdentityCondition(face.unsqueeze(0).float()), scale=scale,
+                      guidance_scale=self.guidance, num_inference_steps=self.inference_steps, seed=self.seed,
+                      height=resolution, width=resolution, output_type="np")[0]
+            for face in tokens
+        ]
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()

@@ -4,7 +4,7 @@ Guidance follows the paper's Eq. 5 over both conditions at once. diffusers compu
 ``uncond + g * (cond - uncond)`` with the batch ``[uncond, cond]``; we pass the identity embeddings in the
 same order, ``[Prj(zeros), e_id]``, so the unconditional branch has the negative prompt *and* the id-drop
 embedding: ``(1 + w) * H(text, e_id) - w * H(negative, Prj(zeros))`` with ``g = 1 + w`` (the paper's
-"CFG scale 7.0" is ``guidance_scale=7.0`` in the ``g`` form used by diffusers).
+"CFG scale" is w: its 7.0 is ``guidance_scale=8.0`` in the ``g`` form used by diffusers).
 """
 
 from __future__ import annotations
@@ -47,22 +47,24 @@ class FacePortraitGenerator:
     """A diffusers pipeline plus a FACT adapter attached to its UNet, and the reference-photo encoder.
 
     ``pipeline``: StableDiffusion{,Inpaint,ControlNet}Pipeline whose ``unet`` carries ``adapter``.
-    ``face_encoder``: TransFace (tokens of aligned faces). ``detector``: a ``data_tools`` face detector,
+    ``face_encoder``: TransFace (tokens of aligned faces); None when only cached tokens are used (training
+    previews). ``detector``: a ``data_tools`` face detector,
     needed only to prepare raw photos (aligned 112x112 faces can be given directly).
     """
 
-    def __init__(self, pipeline, adapter: FaceAdapter, face_encoder: torch.nn.Module, detector=None):
+    def __init__(self, pipeline, adapter: FaceAdapter, face_encoder: torch.nn.Module | None = None, detector=None):
         attached = adapter.attached_blocks
         if not attached or attached[0] is not pipeline.unet.get_submodule(adapter.sites[0].path):
             raise ValueError("the adapter must be attached to the pipeline's UNet")
         self.pipeline = pipeline
         self.adapter = adapter.eval()
-        self.face_encoder = face_encoder.eval()
+        self.face_encoder = None if face_encoder is None else face_encoder.eval()
         self.detector = detector
         self.pipeline.set_progress_bar_config(disable=True)
 
     @classmethod
-    def from_components(cls, base, adapter: FaceAdapter, face_encoder: torch.nn.Module, *, mode: str = "txt2img",
+    def from_components(cls, base, adapter: FaceAdapter, face_encoder: torch.nn.Module | None = None, *,
+                        mode: str = "txt2img",
                         controlnet=None, scheduler: str = "ddim", detector=None) -> FacePortraitGenerator:
         """Builds the pipeline for ``mode`` over ``base`` (whose UNet ``adapter`` is attached to)."""
         return cls(build_pipeline(base, mode, controlnet=controlnet, scheduler=scheduler), adapter, face_encoder,
@@ -88,6 +90,8 @@ class FacePortraitGenerator:
 
         if len(photos) == 0:
             raise ValueError("give at least one reference photo")
+        if self.face_encoder is None:
+            raise ValueError("encoding reference photos needs a face encoder")
         if aligned:
             faces = [np.asarray(p, np.uint8) for p in photos]
         else:

@@ -95,15 +95,17 @@ class GatedFaceAttention(nn.Module):
         face = condition.embeddings
         if face.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"face embeddings have batch {face.shape[0]}, the UNet batch is {x.shape[0]}")
-        face = self.linear(face.to(x.dtype)).expand(x.shape[0], -1, -1)
+        # Compute in the adapter's own dtype: the frozen UNet may run in bf16/fp16 with an fp32 adapter.
+        h = x.to(self.linear.weight.dtype)
+        face = self.linear(face.to(h.dtype)).expand(h.shape[0], -1, -1)
         scale = condition.scale
         if isinstance(scale, torch.Tensor):
-            scale = scale.to(x).view(-1, 1, 1)
-        n_visual = x.shape[1]
+            scale = scale.to(h).view(-1, 1, 1)
+        n_visual = h.shape[1]
         # TS keeps the visual tokens: the face tokens only serve as keys and values.
-        attended = self.attn(self.norm1(torch.cat([x, face], dim=1)))[:, :n_visual]
-        out = x + scale * torch.tanh(self.alpha_attn) * attended
+        attended = self.attn(self.norm1(torch.cat([h, face], dim=1)))[:, :n_visual]
+        out = h + scale * torch.tanh(self.alpha_attn) * attended
         out = out + scale * torch.tanh(self.alpha_dense) * self.ff(self.norm2(out))
         if self.sink is not None:
-            self.sink[self.name] = (x, out - x)
-        return out
+            self.sink[self.name] = (h, out - h)
+        return out.to(x.dtype)

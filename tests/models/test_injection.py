@@ -188,3 +188,16 @@ def test_condition_carries_the_lora_scale_under_diffusers_key():
     kwargs = FaceAdapter.condition(torch.zeros(1, 16, 32), scale=0.5, lora_scale=0.8, other=1)
     assert kwargs["scale"] == 0.8 and kwargs["other"] == 1 and kwargs["fact"].scale == 0.5
     assert "scale" not in FaceAdapter.condition(torch.zeros(1, 16, 32), 0.5)
+
+
+def test_fp32_adapter_on_a_bf16_unet(tiny_unet, unet_inputs):
+    """The real config freezes SD1.5 in bf16 and trains an fp32 adapter; previews run outside autocast."""
+    unet = tiny_unet.to(torch.bfloat16)
+    inputs = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in unet_inputs.items()}
+    adapter = _adapter(unet)
+    with torch.no_grad():
+        base = run(unet, inputs)
+        assert torch.equal(run(unet, inputs, cross_attention_kwargs=adapter.condition(_face(adapter, 2))), base)
+        _open_gates(adapter)
+        out = run(unet, inputs, cross_attention_kwargs=adapter.condition(_face(adapter, 2)))
+    assert out.dtype == torch.bfloat16 and not torch.equal(out, base)
