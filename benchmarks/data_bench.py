@@ -35,7 +35,7 @@ def default_photos() -> Path:
 
 
 def bench_photos(photos: Path) -> dict:
-    from data_tools.detectors import create_detector
+    from fact_lightning.faces.detectors import create_detector
     from data_tools.records import ImageRecord, RecordOptions, process_item
     from data_tools.sources import discover
 
@@ -52,7 +52,7 @@ def bench_photos(photos: Path) -> dict:
 
 
 def bench_encoder(variant: str, device: str, batch: int = 16, batches: int = 8) -> dict:
-    from data_tools.features import encode_faces
+    from fact_lightning.faces.encoding import encode_faces
     from fact_lightning.models.face_encoder import build_transface
 
     model = build_transface(variant, seed=0).to(device)

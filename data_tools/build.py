@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_tools import identity as ident
+from fact_lightning.faces import identity as ident
 from data_tools import records, stats
-from data_tools.features import RANDOM_ENCODER_WARNING, encode_faces, embed_tokens, load_encoder
+from fact_lightning.faces.encoding import encode_faces, embed_tokens
+from fact_lightning.interop.official import RANDOM_ENCODER_WARNING, load_encoder
 from data_tools.records import ImageRecord, Reject, RecordOptions
 from data_tools.sources import DEFAULT_CAPTION_TEMPLATE, SourceItem, discover
 from data_tools.writer import AtomicShardWriter, group_sample
@@ -105,7 +106,7 @@ _WORKER: dict = {}
 
 
 def _init_worker(detector: str, weights: Path | None, record_opts: RecordOptions, dlib_embed: bool) -> None:
-    from data_tools.detectors import create_detector
+    from fact_lightning.faces.detectors import create_detector
 
     _WORKER["detector"] = create_detector(detector, weights)
     _WORKER["opts"] = record_opts

@@ -152,7 +152,7 @@ def verify_dataset(root: Path, embedder=None, threshold: float | None = None) ->
 
     Returns one row per image: identity, source, distance, ok.
     """
-    from data_tools import identity as ident
+    from fact_lightning.faces import identity as ident
 
     embedder = embedder or ident.DlibEmbedder()
     threshold = threshold or embedder.threshold

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data_tools.dataset import iter_images
-from data_tools.masks import overlay
+from fact_lightning.faces.masks import overlay
 from fact_lightning.data import schema
 
 

@@ -14,24 +14,18 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
-from data_tools import alignment, masks
-from data_tools.decode import DEFAULT_MAX_PIXELS, decode_image
-from data_tools.detectors.base import Detection, FaceDetector
-from data_tools.reference import align_reference
 from data_tools.sources import SourceItem
 from fact_lightning.data import schema
+from fact_lightning.faces import alignment, masks
+from fact_lightning.faces.decode import DEFAULT_MAX_PIXELS, decode_image
+from fact_lightning.faces.detectors.base import FaceDetector
+from fact_lightning.faces.reference import FacePolicy, FaceRejection, align_reference, locate_face
 
 logger = logging.getLogger(__name__)
 
-# Reject reasons (besides those of data_tools.decode).
+# Reject reasons, besides those of fact_lightning.faces.decode and of the face policy (faces.reference).
 UNREADABLE = "unreadable"
 NO_IDENTITY = "no_identity_folder"
-NO_FACE = "no_face"
-LOW_SCORE = "low_score"
-SEVERAL_FACES = "several_faces"
-FACE_TOO_SMALL = "face_too_small"
-FACE_AT_BORDER = "face_cut_by_border"
-LANDMARKS_FAILED = "landmarks_failed"
 EMPTY_MASK = "empty_mask"
 DUPLICATE = "duplicate"
 IDENTITY_MISMATCH = "identity_mismatch"
@@ -56,16 +50,18 @@ class RecordOptions:
     def __post_init__(self) -> None:
         if self.resolution < 64 or self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 and >= 64, got {self.resolution}")
-        if not 0.0 <= self.min_score <= 1.0:
-            raise ValueError(f"min_score must be in [0, 1], got {self.min_score}")
-        if self.dominant_ratio < 1.0:
-            raise ValueError(f"dominant_ratio must be >= 1, got {self.dominant_ratio}")
+        self.face_policy  # validates the face-policy fields
         if not 0.0 < self.face_fraction <= 1.0:
             raise ValueError(f"face_fraction must be in (0, 1], got {self.face_fraction}")
-        if self.mask_dilate < 0 or self.max_face_outside < 0 or self.min_face_size < 1:
-            raise ValueError("mask_dilate and max_face_outside must be >= 0, min_face_size >= 1")
+        if self.mask_dilate < 0:
+            raise ValueError(f"mask_dilate must be >= 0, got {self.mask_dilate}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+
+    @property
+    def face_policy(self) -> FacePolicy:
+        return FacePolicy(min_score=self.min_score, min_face_size=self.min_face_size, keep_dominant=self.keep_dominant,
+                          dominant_ratio=self.dominant_ratio, max_face_outside=self.max_face_outside)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,25 +102,6 @@ def _jpg(array: np.ndarray, quality: int) -> bytes:
     return buf.getvalue()
 
 
-def choose_face(detections: list[Detection], opts: RecordOptions) -> tuple[Detection | None, str, str]:
-    """(face, reason, detail) under the several-faces, score and size policies."""
-    if not detections:
-        return None, NO_FACE, ""
-    confident = [d for d in detections if d.score >= opts.min_score]
-    if not confident:
-        best = max(d.score for d in detections)
-        return None, LOW_SCORE, f"best score {best:.3f} < {opts.min_score}"
-    by_area = sorted(confident, key=lambda d: -d.area)
-    if len(by_area) > 1:
-        ratio = by_area[0].area / max(by_area[1].area, 1e-6)
-        if not (opts.keep_dominant and ratio >= opts.dominant_ratio):
-            return None, SEVERAL_FACES, f"{len(by_area)} faces, largest/second area ratio {ratio:.2f}"
-    face = by_area[0]
-    if min(face.width, face.height) < opts.min_face_size:
-        return None, FACE_TOO_SMALL, f"{face.width:.0f}x{face.height:.0f} px < {opts.min_face_size}"
-    return face, "", ""
-
-
 def _round(a: np.ndarray) -> list:
     return np.round(np.asarray(a, np.float64), 2).tolist()
 
@@ -148,19 +125,11 @@ def process_item(item: SourceItem, detector: FaceDetector, opts: RecordOptions,
     image = decoded.image
     h, w = image.shape[:2]
 
-    face, reason, detail = choose_face(detector.detect(image), opts)
-    if face is None:
-        return reject(reason, detail)
-    outside = alignment.box_fraction_outside(face.bbox, (w, h))
-    if outside > opts.max_face_outside:
-        return reject(FACE_AT_BORDER, f"{outside:.0%} of the face box is outside the image")
-    analyzed = detector.analyze(image, face)
-    if analyzed is None:
-        return reject(LANDMARKS_FAILED, f"{detector.name} found no landmarks in the detected face")
-    face, regions = analyzed
+    found = locate_face(image, detector, opts.face_policy)
+    if isinstance(found, FaceRejection):
+        return reject(found.reason, found.detail)
+    face, regions = found
     lm = face.landmarks
-    if (lm < 0).any() or (lm[:, 0] >= w).any() or (lm[:, 1] >= h).any():
-        return reject(FACE_AT_BORDER, "a facial landmark lies outside the image")
 
     # Training crop and its face mask.
     box = alignment.crop_box(face.bbox, (w, h), face_fraction=opts.face_fraction)

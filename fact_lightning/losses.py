@@ -1,4 +1,4 @@
-"""Pure loss helpers for FACT training (paper Eq. 3-4). No module state; randomness comes in through a generator.
+"""Pure loss helpers for FACT training (paper Eq. 3-4). No module state and no randomness: draws come in as tensors.
 
 Shapes use B = batch, C = channels, h x w = latent grid, N = a transformer block's token count (its own
 grid flattened row-major, as diffusers' ``Transformer2DModel`` does), D = a block's width.
@@ -24,11 +24,6 @@ def random_loss_masks(face_mask: torch.Tensor, use_mask: torch.Tensor) -> torch.
     """
     ones = torch.ones_like(face_mask)
     return torch.where(use_mask.view(-1, 1, 1, 1).to(face_mask.device), face_mask, ones)
-
-
-def draw_use_mask(batch: int, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B,) bool: which samples take the masked loss, each with ``probability`` (Eq. 4's p)."""
-    return torch.rand(batch, generator=generator) < probability
 
 
 def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -1,17 +1,38 @@
-"""Shared fixtures: tiny seeded SD1.5-topology components on CPU."""
+"""Shared fixtures: tiny seeded SD1.5-topology components on CPU, the fixture photos, one face detector."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from fact_lightning.models.base import tiny_base_model
 from fact_lightning.models.resampler import TINY_RESAMPLER, ResamplerConfig
+from fact_lightning.tiny import tiny_base_model
 
 TINY_TOKEN_DIM = 64  # the tiny TransFace's token width
+FACES = Path(__file__).parent / "fixtures" / "faces" / "raw"  # real photos, one folder per identity
+
+
+def photo(identity_name: str, index: int = 0) -> np.ndarray:
+    """The ``index``-th fixture photo of an identity, decoded as fact-data decodes it (RGB uint8)."""
+    from fact_lightning.faces.decode import decode_image
+
+    path = sorted((FACES / identity_name).iterdir())[index]
+    return decode_image(path.read_bytes()).image
+
+
+@pytest.fixture(scope="session")
+def detector():
+    """One mediapipe face detector for the whole session (its models load once)."""
+    from fact_lightning.faces.detectors import create_detector
+
+    det = create_detector("mediapipe")
+    yield det
+    det.close()
 
 
 def tiny_projection_config(output_dim: int = 32) -> ResamplerConfig:

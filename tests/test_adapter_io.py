@@ -56,7 +56,7 @@ def test_bad_native_files_are_clear_errors(trained_adapter, tiny_base, tmp_path)
     with pytest.raises(FileNotFoundError, match="adapter file not found"):
         load_adapter(tmp_path / "none.safetensors")
 
-    from fact_lightning.models.base import tiny_base_model
+    from fact_lightning.tiny import tiny_base_model
 
     other_unet = tiny_base_model(seed=0, cross_attention_dim=48).unet
     with pytest.raises(ValueError, match="another UNet layout"):

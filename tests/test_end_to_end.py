@@ -25,7 +25,7 @@ def test_photos_to_shards_to_trained_adapter_to_portraits(tmp_path, monkeypatch)
     cli = build_cli(["fit", "--config", str(ROOT / "configs" / "tiny.yaml"), "--data.root", "shards",
                      "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "2"])
     assert cli.trainer.global_step == 6
-    gates = cli.model.adapter.gate_values()
+    gates = cli.model.gate_values()
     assert any(abs(a) > 0 for a, _ in gates.values())  # trained on real shards: the gates left 0
 
     exported = tmp_path / "runs" / "tiny" / "adapters" / "final" / "adapter.safetensors"

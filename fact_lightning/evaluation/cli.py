@@ -52,11 +52,13 @@ def run(args: argparse.Namespace) -> dict:
     import numpy as np
     from torch.utils.tensorboard import SummaryWriter
 
-    from data_tools.reference import NoFaceError
+    from fact_lightning.faces.reference import NoFaceError
     from fact_lightning.inference.cli import prompts_from_args, read_rgb, sources_from_args
     from fact_lightning.inference.loading import load_generator
 
-    from .clip import ClipScorer, clip_i, clip_t, tiny_clip
+    from fact_lightning.tiny import tiny_clip
+
+    from .clip import ClipScorer, clip_i, clip_t
     from .metrics import DlibFaceEmbedder, TransFaceEmbedder, face_similarity, fid
 
     if not args.clip and not args.tiny:

@@ -90,27 +90,3 @@ def clip_t(scorer: ClipScorer, images: Sequence, prompts: Sequence[str]) -> floa
 def clip_i(scorer: ClipScorer, images: Sequence, others: Sequence) -> float:
     """Mean over pairs of 100 * cos(image, other image): CLIP-I (vs references) and CLIP style (vs base)."""
     return float(100 * (scorer.image_features(images) * scorer.image_features(others)).sum(-1).mean())
-
-
-def tiny_clip(seed: int = 0, image_size: int = 32) -> ClipScorer:
-    """A seeded random CLIP (32-wide) with SD1.5's tokenizer, for tests."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    from fact_lightning.models.tokenizer import clip_tokenizer_from_open_clip
-
-    tokenizer = clip_tokenizer_from_open_clip()
-    config = CLIPConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=image_size, patch_size=8),
-        projection_dim=16,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = CLIPModel(config)
-    processor = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
-                                                                 crop_size={"height": image_size, "width": image_size}),
-                              tokenizer=tokenizer)
-    return ClipScorer(model, processor)

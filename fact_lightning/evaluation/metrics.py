@@ -2,7 +2,7 @@
 
 Face similarity: cosine between a generated face's embedding and the mean embedding of the reference photos,
 over generated images where a face is found (the detection rate is reported beside it). Embedders: TransFace's
-global embedding of the aligned, head-masked face (``data_tools.reference`` path) or the offline dlib ResNet.
+global embedding of the aligned, head-masked face (``fact_lightning.faces.reference`` path) or the offline dlib ResNet.
 
 FID: ``torchmetrics.image.fid.FrechetInceptionDistance`` with a custom feature extractor, CLIP's image
 embedding by default, because Inception weights cannot be downloaded here (FID on CLIP features, as in
@@ -33,11 +33,11 @@ class TransFaceEmbedder:
 
     @torch.no_grad()
     def embed(self, image: np.ndarray) -> np.ndarray | None:
-        from data_tools.features import faces_to_tensor
-        from data_tools.reference import NoFaceError, prepare_reference
+        from fact_lightning.faces.encoding import faces_to_tensor
+        from fact_lightning.faces.reference import LENIENT_POLICY, NoFaceError, prepare_reference
 
         try:
-            face = prepare_reference(image, self.detector).face
+            face = prepare_reference(image, self.detector, LENIENT_POLICY).face
         except NoFaceError:
             return None
         x = faces_to_tensor(face[None]).to(next(self.encoder.parameters()).device)
@@ -50,16 +50,16 @@ class DlibFaceEmbedder:
     name = "dlib"
 
     def __init__(self, detector, models_dir=None):
-        from data_tools.identity import DlibEmbedder
+        from fact_lightning.faces.identity import DlibEmbedder
 
         self.detector = detector
         self._dlib = DlibEmbedder(models_dir)
 
     def embed(self, image: np.ndarray) -> np.ndarray | None:
-        from data_tools.reference import NoFaceError, prepare_reference
+        from fact_lightning.faces.reference import LENIENT_POLICY, NoFaceError, prepare_reference
 
         try:
-            ref = prepare_reference(image, self.detector)
+            ref = prepare_reference(image, self.detector, LENIENT_POLICY)
         except NoFaceError:
             return None
         return self._dlib.embed_image(image, ref.detection.bbox)

@@ -101,7 +101,7 @@ def prompts_from_args(args: argparse.Namespace) -> list[str]:
 
 
 def read_rgb(path: str | Path):
-    from data_tools.decode import decode_image
+    from fact_lightning.faces.decode import decode_image
 
     path = Path(path)
     if not path.is_file():
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> dict:
 
     extra = {}
     if mode == "inpaint":
-        from data_tools.reference import face_region_mask
+        from fact_lightning.faces.reference import face_region_mask
 
         template = read_rgb(args.template)
         mask = read_rgb(args.mask)[..., 0] if args.mask else \
@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> dict:
     (out / "images").mkdir(parents=True, exist_ok=True)
     (out / "references").mkdir(exist_ok=True)
     if not args.aligned_reference:
-        from data_tools.reference import prepare_reference
+        from fact_lightning.faces.reference import prepare_reference
 
         for i, photo in enumerate(references):
             Image.fromarray(prepare_reference(photo, generator.detector).face).save(out / "references" / f"ref_{i:02d}.png")
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def run_guarded(run, args: argparse.Namespace) -> tuple[int, object]:
     """Runs a command; a missing file or weight, or a bad input, is one clear line and exit code 2."""
-    from data_tools.reference import NoFaceError
+    from fact_lightning.faces.reference import NoFaceError
     from fact_lightning.models.base import MissingWeightsError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

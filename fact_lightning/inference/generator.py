@@ -48,7 +48,7 @@ class FacePortraitGenerator:
 
     ``pipeline``: StableDiffusion{,Inpaint,ControlNet}Pipeline whose ``unet`` carries ``adapter``.
     ``face_encoder``: TransFace (tokens of aligned faces); None when only cached tokens are used (training
-    previews). ``detector``: a ``data_tools`` face detector,
+    previews). ``detector``: a ``fact_lightning.faces`` detector,
     needed only to prepare raw photos (aligned 112x112 faces can be given directly).
     """
 
@@ -81,12 +81,12 @@ class FacePortraitGenerator:
     def encode_references(self, photos: Sequence[np.ndarray], *, aligned: bool = False) -> IdentityCondition:
         """Reference photos of one person (RGB uint8) -> their face tokens.
 
-        Raw photos go through ``data_tools.reference.prepare_reference`` (detection, ArcFace alignment, head
+        Raw photos go through ``faces.reference.prepare_reference`` (detection, ArcFace alignment, head
         mask: the path ``fact-data`` takes); ``aligned=True`` takes 112x112 faces prepared that way already.
-        Encoding is ``data_tools.features.encode_faces``, the same call that caches shard features.
+        Encoding is ``faces.encoding.encode_faces``, the same call that caches shard features.
         """
-        from data_tools.features import encode_faces
-        from data_tools.reference import prepare_reference
+        from fact_lightning.faces.encoding import encode_faces
+        from fact_lightning.faces.reference import prepare_reference
 
         if len(photos) == 0:
             raise ValueError("give at least one reference photo")

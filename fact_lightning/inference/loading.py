@@ -5,7 +5,6 @@ Shared by ``python -m fact_lightning.inference`` and the evaluation command.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,12 +66,13 @@ class GeneratorSources:
 def load_generator(src: GeneratorSources) -> FacePortraitGenerator:
     """Loads (or, with ``tiny``, builds) every part and returns the generator. Nothing is downloaded unless
     a hub id was given and ``local_files_only`` is off."""
-    from data_tools.detectors import create_detector
-    from data_tools.features import load_encoder
+    from fact_lightning.faces.detectors import create_detector
+    from fact_lightning.interop.official import load_encoder
     from fact_lightning.adapter_io import load_adapter
-    from fact_lightning.models.base import load_base_model, tiny_base_model
+    from fact_lightning.models.base import load_base_model
+    from fact_lightning.tiny import random_tiny_adapter, tiny_base_model, tiny_controlnet, tiny_inpaint_unet
 
-    from .pipelines import load_controlnet, tiny_controlnet, tiny_inpaint_unet
+    from .pipelines import load_controlnet
 
     dtype = getattr(torch, src.dtype)
     if src.tiny:
@@ -109,20 +109,3 @@ def load_generator(src: GeneratorSources) -> FacePortraitGenerator:
     adapter.to(src.device, dtype)
     encoder.to(src.device)
     return generator
-
-
-def random_tiny_adapter(unet, seed: int = 0):
-    """A seeded random tiny adapter (64-wide face tokens) with non-zero gates, attached to ``unet``."""
-    from fact_lightning.models.injection import FaceAdapter
-    from fact_lightning.models.resampler import TINY_RESAMPLER
-
-    log.warning("no adapter file given: using a RANDOM tiny adapter (demo only)")
-    cross = unet.config.cross_attention_dim
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        adapter = FaceAdapter.for_unet(unet, dataclasses.replace(TINY_RESAMPLER, output_dim=cross))
-        with torch.no_grad():
-            for block in adapter.blocks.values():
-                block.alpha_attn.fill_(1.0)
-                block.alpha_dense.fill_(1.0)
-    return adapter.eval()

@@ -12,12 +12,14 @@ Both are pickles: always read with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..models.face_encoder import TransFaceConfig, TransFaceEncoder
+from ..files import sha256_file
+from ..models.face_encoder import TransFaceConfig, TransFaceEncoder, build_transface, transface_config
 from ..models.injection import FaceAdapter
 from ..models.resampler import PerceiverResampler
 from ..models.unet_layout import transformer_block_sites
@@ -72,6 +74,48 @@ def load_transface(path: str | Path, **arch) -> TransFaceEncoder:
         raise ValueError(f"TransFace weights {path} do not fit the architecture {encoder.config}: {err}") from err
     _check_keys(f"TransFace weights {path}", result.missing_keys, result.unexpected_keys)
     return encoder.eval()
+
+
+RANDOM_ENCODER_SEED = 0
+RANDOM_ENCODER_WARNING = (
+    "features come from a RANDOMLY INITIALISED TransFace encoder: fine for tests and demos, "
+    "useless for training a real adapter"
+)
+
+
+@dataclass(frozen=True)
+class EncoderInfo:
+    """What a shard manifest records about the face encoder."""
+
+    variant: str
+    config: dict
+    weights: str | None
+    weights_sha256: str | None
+    random: bool
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_encoder(variant: str, weights: str | Path | None, allow_random: bool) -> tuple[TransFaceEncoder, EncoderInfo]:
+    """The TransFace encoder of a build or a generator: official weights, or (explicitly) seeded random weights.
+
+    Raises FileNotFoundError / ValueError with a message meant for the user.
+    """
+    cfg = transface_config(variant)
+    if weights is not None:
+        weights = Path(weights).expanduser()
+        if not weights.is_file():
+            raise FileNotFoundError(f"TransFace weights not found: {weights} (e.g. ms1mv2_model_TransFace_S.pt)")
+        model = load_transface(weights, **cfg.to_dict())
+        return model, EncoderInfo(variant, model.config.to_dict(), str(weights), sha256_file(weights), False)
+    if not allow_random:
+        raise ValueError(
+            "no TransFace weights given: pass --encoder-weights path/to/ms1mv2_model_TransFace_S.pt "
+            "(the official file), or --random-encoder to use seeded random weights (tests and demos only)")
+    log.warning(RANDOM_ENCODER_WARNING)
+    model = build_transface(variant, seed=RANDOM_ENCODER_SEED)
+    return model.eval(), EncoderInfo(variant, cfg.to_dict(), None, None, True)
 
 
 # -- FACT adapter ----------------------------------------------------------------------------------------

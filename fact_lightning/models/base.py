@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .tokenizer import clip_tokenizer_from_open_clip
 
 log = logging.getLogger(__name__)
 
@@ -88,50 +87,3 @@ def load_base_model(
             "(unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a hub id reachable from this machine."
         ) from err
     return BaseModel(unet, vae, text_encoder, tokenizer, scheduler).freeze()
-
-
-# SD1.5's training noise schedule.
-SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False)
-
-
-def tiny_base_model(seed: int = 0, cross_attention_dim: int = 32) -> BaseModel:
-    """Seeded random components with SD1.5's topology (16 adapted blocks, 8x VAE), small enough for a CPU."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    tokenizer = clip_tokenizer_from_open_clip()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            sample_size=16,
-            block_out_channels=(32, 64, 64, 64),
-            layers_per_block=2,
-            cross_attention_dim=cross_attention_dim,
-            attention_head_dim=8,
-            norm_num_groups=32,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 32, 64, 64),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=32,
-            sample_size=128,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=cross_attention_dim,
-                intermediate_size=4 * cross_attention_dim,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-    return BaseModel(unet, vae, text_encoder, tokenizer, DDPMScheduler(**SD15_SCHEDULE)).freeze()

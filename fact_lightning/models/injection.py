@@ -131,14 +131,6 @@ class FaceAdapter(nn.Module):
             for block in self.blocks.values():
                 block.sink = None
 
-    # -- training helpers -------------------------------------------------------------------------------
-    def gate_values(self) -> dict[str, tuple[float, float]]:
-        """tanh of each block's two gates, keyed by block path."""
-        return {
-            s.path: (torch.tanh(b.alpha_attn).item(), torch.tanh(b.alpha_dense).item())
-            for s, b in ((s, self.blocks[s.key]) for s in self.sites)
-        }
-
 
 def _route_condition(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """Moves our condition from ``cross_attention_kwargs`` into the block's GLIGEN slot."""

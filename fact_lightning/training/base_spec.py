@@ -10,7 +10,8 @@ from typing import Literal
 
 import torch
 
-from ..models.base import BaseModel, load_base_model, tiny_base_model
+from ..models.base import BaseModel, load_base_model
+from ..tiny import tiny_base_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 FrozenDtype = Literal["float32", "bfloat16", "float16"]

@@ -1,4 +1,4 @@
-"""Shared fixtures for data_tools tests: one mediapipe detector, one built dataset."""
+"""Shared fixtures for data_tools tests: one built dataset, a copy of the raw photos."""
 
 from __future__ import annotations
 
@@ -9,15 +9,6 @@ import pytest
 
 from data_tools.build import run_build
 from dt_helpers import RAW, build_opts
-
-
-@pytest.fixture(scope="session")
-def detector():
-    from data_tools.detectors import create_detector
-
-    det = create_detector("mediapipe")
-    yield det
-    det.close()
 
 
 @pytest.fixture(scope="session")

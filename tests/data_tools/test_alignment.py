@@ -2,7 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data_tools import alignment, masks
+from fact_lightning.faces import alignment, masks
 
 
 def test_similarity_recovers_known_transform():

@@ -11,7 +11,7 @@ import webdataset as wds
 
 from data_tools.build import plan_shards, run_build, split_groups
 from data_tools.dataset import iter_images
-from data_tools.features import RANDOM_ENCODER_WARNING
+from fact_lightning.interop.official import RANDOM_ENCODER_WARNING
 from data_tools.sources import discover
 from dt_helpers import RAW, build_opts
 from fact_lightning.data import schema
@@ -73,7 +73,7 @@ def test_every_image_is_consistent(built):
         # Aligned face: the landmarks land on the ArcFace template; background is zeroed.
         m = np.array(meta["align_matrix"])
         aligned = np.array(meta["landmarks"]) @ m[:, :2].T + m[:, 2]
-        from data_tools.alignment import ARCFACE_TEMPLATE
+        from fact_lightning.faces.alignment import ARCFACE_TEMPLATE
         assert np.abs(aligned - ARCFACE_TEMPLATE).max() < 8
         assert (face[0, 0] == 0).all() and face[56, 56].max() > 0
         assert meta["caption"] == "a photo of a person" and len(meta["source_sha256"]) == 64

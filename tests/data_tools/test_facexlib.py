@@ -7,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data_tools.alignment import crop_matrix
+from fact_lightning.faces.alignment import crop_matrix
 from data_tools.build import run_build
 from data_tools.records import RecordOptions
-from data_tools.detectors import create_detector
-from data_tools.detectors.base import Detection
-from data_tools.detectors.facexlib import DETECTION_FILE, PARSING_FILE, FacexlibDetector
+from fact_lightning.faces.detectors import create_detector
+from fact_lightning.faces.detectors.base import Detection
+from fact_lightning.faces.detectors.facexlib import DETECTION_FILE, PARSING_FILE, FacexlibDetector
 from dt_helpers import FACE_PHOTO, build_opts
 
 pytest.importorskip("facexlib")

@@ -10,7 +10,9 @@ import torch
 
 from data_tools.build import run_build
 from data_tools.dataset import iter_images
-from data_tools.features import encode_faces, faces_to_tensor, load_encoder, sha256_file
+from fact_lightning.faces.encoding import encode_faces, faces_to_tensor
+from fact_lightning.files import sha256_file
+from fact_lightning.interop.official import load_encoder
 from dt_helpers import RAW, build_opts
 from fact_lightning.data import schema
 from fact_lightning.models.face_encoder import build_transface

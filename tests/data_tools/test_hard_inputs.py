@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from data_tools import decode, records
+from data_tools import records
+from fact_lightning.faces import decode
+from fact_lightning.faces import reference as face_policy
 from data_tools.build import run_build
 from data_tools.records import ImageRecord, Reject, RecordOptions, process_item
 from data_tools.sources import SourceItem
@@ -90,10 +92,10 @@ def make_rejected(d: Path, face: Image.Image) -> dict[str, tuple[Path, str]]:
         "empty": (d / "empty.jpg", decode.EMPTY_FILE),
         "text": (d / "text.jpg", decode.NOT_AN_IMAGE),
         "garbage": (d / "garbage.png", decode.NOT_AN_IMAGE),
-        "no_face": (d / "no_face.jpg", records.NO_FACE),
+        "no_face": (d / "no_face.jpg", face_policy.NO_FACE),
         "bomb": (d / "bomb.png", decode.TOO_MANY_PIXELS),
-        "two_people": (d / "two_people.jpg", records.SEVERAL_FACES),
-        "border": (d / "partial_face.jpg", records.FACE_AT_BORDER),
+        "two_people": (d / "two_people.jpg", face_policy.SEVERAL_FACES),
+        "border": (d / "partial_face.jpg", face_policy.FACE_AT_BORDER),
     }
 
 
@@ -148,11 +150,11 @@ def test_bad_inputs_are_rejected_with_reason(tmp_path, face, detector, kind):
 def test_pixel_limit_option_and_policies(tmp_path, face, detector):
     item = _item(FACE_PHOTO)
     assert process_item(item, detector, RecordOptions(max_pixels=100_000)).reason == decode.TOO_MANY_PIXELS
-    assert process_item(item, detector, RecordOptions(min_face_size=2000)).reason == records.FACE_TOO_SMALL
-    assert process_item(item, detector, RecordOptions(min_score=0.999)).reason == records.LOW_SCORE
+    assert process_item(item, detector, RecordOptions(min_face_size=2000)).reason == face_policy.FACE_TOO_SMALL
+    assert process_item(item, detector, RecordOptions(min_score=0.999)).reason == face_policy.LOW_SCORE
     # Two equal faces: still rejected with --keep-dominant (no clearly largest face).
     two = _item(EDGE / "two_people.jpg")
-    assert process_item(two, detector, RecordOptions(keep_dominant=True)).reason == records.SEVERAL_FACES
+    assert process_item(two, detector, RecordOptions(keep_dominant=True)).reason == face_policy.SEVERAL_FACES
 
 
 def test_keep_dominant_keeps_the_clearly_largest_face(tmp_path, face, detector):
@@ -162,7 +164,7 @@ def test_keep_dominant_keeps_the_clearly_largest_face(tmp_path, face, detector):
     small_face.thumbnail((260, 260))
     canvas.paste(small_face, (560, 300))
     path = _save(canvas, tmp_path / "dominant.jpg", quality=92)
-    assert process_item(_item(path), detector, RecordOptions()).reason == records.SEVERAL_FACES
+    assert process_item(_item(path), detector, RecordOptions()).reason == face_policy.SEVERAL_FACES
     kept = process_item(_item(path), detector, RecordOptions(keep_dominant=True))
     assert isinstance(kept, ImageRecord)
     assert kept.meta["bbox"][2] < 40 + face.width  # the big face on the left

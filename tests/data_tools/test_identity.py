@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from data_tools import identity as ident
+from fact_lightning.faces import identity as ident
 from data_tools import records
 from data_tools.build import run_build
 from data_tools.cli import app

@@ -1,36 +1,21 @@
 """Each metric reacts the right way to a controlled change."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from fact_lightning.evaluation.clip import clip_i, clip_t, tiny_clip
+from fact_lightning.evaluation.clip import clip_i, clip_t
+from fact_lightning.tiny import tiny_clip
 from fact_lightning.evaluation.metrics import DlibFaceEmbedder, TransFaceEmbedder, face_similarity, fid
+from tests.conftest import FACES, photo
 
-FACES = Path(__file__).parents[1] / "fixtures" / "faces" / "raw"
-
-
-def _photo(identity, i=0):
-    from data_tools.decode import decode_image
-
-    return decode_image(sorted((FACES / identity).iterdir())[i].read_bytes()).image
 
 
 @pytest.fixture(scope="module")
 def scorer():
     return tiny_clip(0)
-
-
-@pytest.fixture(scope="module")
-def detector():
-    from data_tools.detectors import create_detector
-
-    det = create_detector("mediapipe")
-    yield det
-    det.close()
 
 
 def _images(seed, n=4):
@@ -80,18 +65,18 @@ def test_face_similarity_transface_identical_is_one(detector):
     from fact_lightning.models.face_encoder import build_transface
 
     embedder = TransFaceEmbedder(build_transface("tiny", seed=0), detector)
-    photo = _photo("fr_obama")
-    same = face_similarity(embedder, [photo], [photo])
+    face = photo("fr_obama")
+    same = face_similarity(embedder, [face], [face])
     assert same["face_sim"] == pytest.approx(1.0, abs=1e-5) and same["face_detect_rate"] == 1.0
-    blank = face_similarity(embedder, [np.full((128, 128, 3), 127, np.uint8)], [photo])
+    blank = face_similarity(embedder, [np.full((128, 128, 3), 127, np.uint8)], [face])
     assert blank == {"face_sim": None, "face_detect_rate": 0.0}
 
 
 def test_face_similarity_dlib_ranks_the_same_person_higher(detector):
     embedder = DlibFaceEmbedder(detector)
-    refs = [_photo("fr_obama", 0)]
-    same = face_similarity(embedder, [_photo("fr_obama", 1)], refs)["face_sim"]
-    other = face_similarity(embedder, [_photo("fr_biden", 0)], refs)["face_sim"]
+    refs = [photo("fr_obama", 0)]
+    same = face_similarity(embedder, [photo("fr_obama", 1)], refs)["face_sim"]
+    other = face_similarity(embedder, [photo("fr_biden", 0)], refs)["face_sim"]
     identical = face_similarity(embedder, refs, refs)["face_sim"]
     assert identical > same > other
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -11,9 +9,8 @@ import torch
 from fact_lightning.inference import FacePortraitGenerator, IdentityCondition
 from fact_lightning.models.face_encoder import build_transface
 from fact_lightning.models.injection import FaceAdapter
-from tests.conftest import tiny_projection_config
+from tests.conftest import FACES, photo, tiny_projection_config  # noqa: F401 (re-exported to the tests)
 
-FACES = Path(__file__).parents[1] / "fixtures" / "faces" / "raw"
 SIZE = 64  # generated image side: latents 8x8, fast on a CPU
 FAST = dict(num_inference_steps=2, height=SIZE, width=SIZE, output_type="np")
 
@@ -39,15 +36,6 @@ def face_encoder():
     return build_transface("tiny", seed=0)
 
 
-@pytest.fixture(scope="session")
-def detector():
-    from data_tools.detectors import create_detector
-
-    det = create_detector("mediapipe")
-    yield det
-    det.close()
-
-
 @pytest.fixture
 def make_generator(tiny_base, face_encoder):
     def make(mode: str = "txt2img", controlnet=None, base=None) -> FacePortraitGenerator:
@@ -59,14 +47,7 @@ def make_generator(tiny_base, face_encoder):
 
 @pytest.fixture(scope="session")
 def identity(face_encoder) -> IdentityCondition:
-    from data_tools.features import encode_faces
+    from fact_lightning.faces.encoding import encode_faces
 
     faces = np.random.default_rng(0).integers(0, 256, (1, 112, 112, 3), dtype=np.uint8)
     return IdentityCondition(torch.from_numpy(encode_faces(face_encoder, faces).astype(np.float32)))
-
-
-def photo(identity_name: str, index: int = 0) -> np.ndarray:
-    from data_tools.decode import decode_image
-
-    path = sorted((FACES / identity_name).iterdir())[index]
-    return decode_image(path.read_bytes()).image

@@ -2,8 +2,7 @@ import json
 
 from fact_lightning.adapter_io import save_adapter
 from fact_lightning.inference.cli import main
-from fact_lightning.inference.loading import random_tiny_adapter
-from fact_lightning.models.base import tiny_base_model
+from fact_lightning.tiny import random_tiny_adapter, tiny_base_model
 from tests.inference.conftest import FACES
 
 

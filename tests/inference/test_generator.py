@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from fact_lightning.inference.pipelines import build_pipeline, tiny_inpaint_unet
+from fact_lightning.inference.pipelines import build_pipeline
+from fact_lightning.tiny import tiny_inpaint_unet
 from tests.inference.conftest import FAST
 
 

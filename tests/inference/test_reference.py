@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from data_tools.reference import NoFaceError, face_region_mask, prepare_reference
+from fact_lightning.faces.reference import NoFaceError, face_region_mask, prepare_reference
 from tests.inference.conftest import FACES, photo
 
 

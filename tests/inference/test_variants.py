@@ -6,7 +6,8 @@ import dataclasses
 import numpy as np
 from PIL import Image
 
-from fact_lightning.inference.pipelines import save_tiny_lora, tiny_controlnet, tiny_inpaint_unet
+from fact_lightning.tiny import tiny_controlnet, tiny_inpaint_unet
+from tests.inference.lora import save_tiny_lora
 from tests.inference.conftest import FAST, SIZE, photo
 
 
@@ -44,7 +45,7 @@ def test_controlnet_changes_the_output_and_the_adapter_still_acts(_tiny_base_ses
 
 
 def test_inpainting_regenerates_only_the_face_region(tiny_base, make_generator, identity, detector):
-    from data_tools.reference import face_region_mask
+    from fact_lightning.faces.reference import face_region_mask
 
     base = dataclasses.replace(tiny_base, unet=tiny_inpaint_unet(tiny_base, seed=0))
     gen = make_generator(mode="inpaint", base=base)

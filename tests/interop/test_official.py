@@ -160,7 +160,7 @@ def test_damaged_and_mismatched_files_are_clear_errors(tiny_unet, official_file,
 
 
 def test_checkpoint_for_another_unet_is_rejected(official_file):
-    from fact_lightning.models.base import tiny_base_model
+    from fact_lightning.tiny import tiny_base_model
 
     other = tiny_base_model(seed=0, cross_attention_dim=48).unet
     with pytest.raises(ValueError, match="does not fit|does not match"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from data_tools.detectors.base import Detection, FaceDetector, FaceRegions
+from fact_lightning.faces.detectors.base import Detection, FaceDetector, FaceRegions
 
 BACKENDS = ("mediapipe", "facexlib")
 
@@ -14,11 +14,11 @@ __all__ = ["BACKENDS", "Detection", "FaceDetector", "FaceRegions", "create_detec
 def create_detector(backend: str, weights_dir: Path | None = None, device: str = "cpu") -> FaceDetector:
     """Build a detector backend by name; heavy imports happen here, not at package import."""
     if backend == "mediapipe":
-        from data_tools.detectors.mediapipe import MediaPipeDetector
+        from fact_lightning.faces.detectors.mediapipe import MediaPipeDetector
 
         return MediaPipeDetector()
     if backend == "facexlib":
-        from data_tools.detectors.facexlib import FacexlibDetector
+        from fact_lightning.faces.detectors.facexlib import FacexlibDetector
 
         return FacexlibDetector.from_weights_dir(weights_dir, device=device)
     raise ValueError(f"unknown detector backend {backend!r}; choose one of {BACKENDS}")

@@ -11,12 +11,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
-from data_tools.alignment import ARCFACE_TEMPLATE, similarity_transform, warp
-from data_tools.detectors.base import Detection, LabelMapRegions
+from fact_lightning.faces.alignment import ARCFACE_TEMPLATE, similarity_transform, warp
+from fact_lightning.faces.detectors.base import Detection, LabelMapRegions, downscale_for_detection
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +72,7 @@ class FacexlibDetector:
 
     @torch.inference_mode()
     def detect(self, image: np.ndarray) -> list[Detection]:
-        h, w = image.shape[:2]
-        scale = min(1.0, self.detect_max_side / max(h, w))
-        small = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA) \
-            if scale < 1.0 else image
+        small, scale = downscale_for_detection(image, self.detect_max_side)
         bgr = np.ascontiguousarray(small[..., ::-1]).astype(np.float32)
         dets = self.detection_model.detect_faces(bgr, conf_threshold=self.min_confidence,
                                                  nms_threshold=self.nms_threshold, use_origin_size=True)

@@ -14,7 +14,7 @@ import warnings
 import cv2
 import numpy as np
 
-from data_tools.detectors.base import Detection, PolygonRegions
+from fact_lightning.faces.detectors.base import Detection, PolygonRegions, downscale_for_detection
 
 logger = logging.getLogger(__name__)
 
@@ -78,9 +78,7 @@ class MediaPipeDetector:
 
     def detect(self, image: np.ndarray) -> list[Detection]:
         h, w = image.shape[:2]
-        scale = min(1.0, self.detect_max_side / max(h, w))
-        small = cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA) \
-            if scale < 1.0 else image
+        small, scale = downscale_for_detection(image, self.detect_max_side)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # protobuf deprecation noise
             result = self._detector.process(np.ascontiguousarray(small))

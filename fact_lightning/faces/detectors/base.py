@@ -108,6 +108,16 @@ class LabelMapRegions:
         return self._render(self.head_labels, matrix, size).astype(np.uint8) * 255
 
 
+def downscale_for_detection(image: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
+    """(image shrunk so its longer side is at most ``max_side``, the scale applied); detectors run on it and
+    divide their coordinates by the scale, so large photos cost no more than a ``max_side`` one."""
+    h, w = image.shape[:2]
+    scale = min(1.0, max_side / max(h, w))
+    if scale == 1.0:
+        return image, 1.0
+    return cv2.resize(image, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA), scale
+
+
 def compose_affine(outer: np.ndarray, inner: np.ndarray) -> np.ndarray:
     """The 2x3 affine ``outer o inner`` (apply ``inner`` first)."""
     a = np.vstack([outer, [0, 0, 1]])
