@@ -18,6 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
+# The adapter scale a of Eq. 2: 1.0 while training (the paper), 0.5 at inference (the official apps).
+TRAINING_ADAPTER_SCALE = 1.0
+INFERENCE_ADAPTER_SCALE = 0.5
+
+
 @dataclass
 class FaceCondition:
     """What the adapters need for one UNet call: identity tokens and the adapter scale a.
