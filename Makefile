@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench bench-full clean
 
 venv: $(STAMP)
 
@@ -23,20 +23,25 @@ test: $(STAMP)
 DEMO := demo_out
 demo: $(STAMP)
 	$(VENV)/bin/fact-data build --src tests/fixtures/faces/raw --out $(DEMO)/shards \
-		--resolution 128 --encoder tiny --random-encoder --images-per-shard 4
-	cd $(DEMO) && ../$(VENV)/bin/fact-train fit --config ../configs/tiny.yaml --data.root shards
+		--resolution 128 --encoder tiny --random-encoder --images-per-shard 4 --vae tiny
+	$(VENV)/bin/fact-train fit --config configs/tiny.yaml --data.root $(DEMO)/shards \
+		--trainer.default_root_dir $(DEMO)/runs/tiny
 	$(VENV)/bin/fact-generate --tiny --adapter $(DEMO)/runs/tiny/adapters/final/adapter.safetensors \
 		--reference tests/fixtures/faces/raw/fr_obama/1.jpg --prompt "a photo of a man, best quality" \
 		--seed 0 --seed 1 --steps 10 --height 128 --width 128 --out $(DEMO)/generate
 	@echo
 	@echo "shards:      $(DEMO)/shards (fact-data inspect $(DEMO)/shards)"
-	@echo "checkpoints: $(DEMO)/runs/tiny/checkpoints"
+	@echo "run folder:  $(DEMO)/runs/tiny (events, config.yaml, checkpoints/, adapters/, previews/)"
 	@echo "adapter:     $(DEMO)/runs/tiny/adapters/final/adapter.safetensors (+ fact_adapter.bin, official format)"
 	@echo "portraits:   $(DEMO)/generate/images"
-	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO)/runs/tiny/tensorboard"
+	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO)/runs"
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --out bench_results
+
+# SD1.5 size, random weights, CPU float32: minutes and ~10 GB of memory; not in CI.
+bench-full: $(STAMP)
+	$(PY) -m benchmarks.full_size --out bench_results
 
 clean:
 	rm -rf $(VENV) demo_out bench_results

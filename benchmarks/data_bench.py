@@ -39,7 +39,7 @@ def bench_photos(photos: Path) -> dict:
     from data_tools.records import ImageRecord, RecordOptions, process_item
     from data_tools.sources import discover
 
-    items = discover(photos)[0]
+    items = discover(photos).items
     detector = create_detector("mediapipe")
     opts = RecordOptions()
     process_item(items[0], detector, opts)  # warm-up (graph init)

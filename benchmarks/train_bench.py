@@ -5,7 +5,8 @@
 ``run(out_dir)`` returns and writes ``train_bench.json``: steps/s and samples/s of full training steps
 (VAE + text encoder + UNet with adapters + losses + backward + Adam) through Lightning on synthetic
 shards, and, measured in the same process on the same latents, the time of a UNet-with-adapters
-forward+backward over a frozen-UNet forward+backward (gradients to its input, as adapter training needs).
+forward+backward over a frozen-UNet forward+backward (gradients to its input, as adapter training needs),
+medians of the two alternating in one loop. ``python -m benchmarks.full_size`` measures the same at SD1.5 size.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
 from functools import partial
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.timing import interleaved
 from fact_lightning.data.datamodule import FactDataModule
 from fact_lightning.experiments.synthetic import write_synthetic_shards
 from fact_lightning.models.resampler import TINY_RESAMPLER
@@ -27,14 +30,6 @@ from fact_lightning.training.base_spec import TinyBase
 from fact_lightning.training.module import FactModule
 
 PROJECTION = TINY_RESAMPLER
-
-
-def _timed(fn, repeats: int) -> float:
-    fn()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - start) / repeats
 
 
 def unet_ratio(module: FactModule, batch: int, resolution: int, repeats: int) -> dict:
@@ -54,7 +49,9 @@ def unet_ratio(module: FactModule, batch: int, resolution: int, repeats: int) ->
         with module.adapter.capture():
             module.unet(latents, t, encoder_hidden_states=text, cross_attention_kwargs=kwargs).sample.square().mean().backward()
 
-    frozen_s, adapted_s = _timed(frozen, repeats), _timed(adapted, repeats)
+    # One interleaved loop, medians: load from other processes falls on both variants alike.
+    times = interleaved({"frozen": frozen, "adapted": adapted}, max(repeats, 3))
+    frozen_s, adapted_s = statistics.median(times["frozen"]), statistics.median(times["adapted"])
     return {"frozen_unet_fwd_bwd_s": frozen_s, "adapter_unet_fwd_bwd_s": adapted_s, "adapter_over_frozen": adapted_s / frozen_s}
 
 

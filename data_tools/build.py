@@ -1,178 +1,84 @@
-"""`fact-data build` orchestration: plan shards, process photos (optionally in worker processes), encode
-faces, verify identities, write shards, stats, rejects and the manifest.
+"""`fact-data build` orchestration: discover inputs, plan shards (``plan.py``), process photos (``pool.py``),
+encode faces, verify identities, write shards, stats, rejects and the manifest (``shards.py``).
 
-Determinism: inputs are sorted and planned into shards by identity before any work (an identity never
-spans two shards); every record depends only on its own file and the options; features are computed per
-shard in fixed batches. So output is independent of ``workers``, and a resumed build, which skips every
-shard whose stats file (written last) matches the plan, ends with the same shards as a clean one.
+Determinism: inputs are sorted and planned into shards by identity before any work; every record depends
+only on its own file and the options; features are computed per shard in fixed batches. So output is
+independent of ``workers``, and a resumed build, which keeps every shard whose stats (written last) match
+the plan and whose bytes match their sha256, ends with the same shards as a clean one.
+
+Safety: one build at a time per output folder (a lock); a shard is removed before it is rewritten and the
+old manifest.json stays until the new one replaces it, so a reader of a half-rebuilt folder gets a clear
+error, never a mix that looks complete.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import multiprocessing as mp
-import re
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
+from data_tools import latents, records, stats
+from data_tools.output import os_errors, clean_tmp, locked_output, resolve_device
+from data_tools.options import CONTENT_OPTIONS, BuildOptions, fingerprint
+from data_tools.plan import IdentityPlan, ShardPlan, plan_shards, split_groups
+from data_tools.pool import Processor
+from data_tools.records import ImageRecord, Reject
+from data_tools.sources import Discovery, discover
+from fact_lightning.data import schema, shards
+from fact_lightning.errors import UserError
 from fact_lightning.faces import identity as ident
-from data_tools import records, stats
-from fact_lightning.faces.encoding import encode_faces, embed_tokens
+from fact_lightning.faces.encoding import embed_tokens, encode_faces
 from fact_lightning.interop.official import RANDOM_ENCODER_WARNING, load_encoder
-from data_tools.records import ImageRecord, Reject, RecordOptions
-from data_tools.sources import DEFAULT_CAPTION_TEMPLATE, SourceItem, discover
-from data_tools.writer import AtomicShardWriter, group_sample
-from fact_lightning.data import schema
 
 logger = logging.getLogger(__name__)
+__all__ = ["BuildOptions", "run_build"]
 
 ProgressFn = Callable[[int], None]
-_SHARD_FILE = re.compile(r"^shard-\d{6}(\.tar|\.stats\.json)(\.tmp)?$")
+Pairs = list[tuple[ImageRecord, np.ndarray]]  # accepted records of one identity with their tokens
 
 
-@dataclass(frozen=True)
-class BuildOptions:
-    src: Path
-    out: Path
-    record: RecordOptions = field(default_factory=RecordOptions)
-    detector: str = "mediapipe"
-    detector_weights: Path | None = None
-    encoder: str = "S"
-    encoder_weights: Path | None = None
-    random_encoder: bool = False
-    caption_template: str = DEFAULT_CAPTION_TEMPLATE
-    max_per_group: int = 16
-    images_per_shard: int = 512
-    workers: int = 1
-    batch_size: int = 32
-    device: str = "auto"
-    resume: bool = True
-    verify_identities: bool = False
-    drop_mismatched: bool = False
-    identity_model: str = "auto"
-    identity_threshold: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.max_per_group < 1 or self.images_per_shard < 1 or self.workers < 1 or self.batch_size < 1:
-            raise ValueError("max_per_group, images_per_shard, workers and batch_size must be >= 1")
-        if self.identity_model not in ("auto", "dlib", "transface"):
-            raise ValueError(f"identity_model must be auto, dlib or transface, got {self.identity_model!r}")
-        if self.drop_mismatched and not self.verify_identities:
-            raise ValueError("drop_mismatched needs verify_identities")
-
-    def fingerprint(self) -> dict:
-        """Options that change shard contents (not paths, workers, device or resume)."""
-        return {"record": self.record.to_dict(), "detector": self.detector, "encoder": self.encoder,
-                "max_per_group": self.max_per_group, "verify_identities": self.verify_identities,
-                "drop_mismatched": self.drop_mismatched, "identity_model": self.identity_model,
-                "identity_threshold": self.identity_threshold}
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        return {k: (str(v) if isinstance(v, Path) else v) for k, v in d.items()}
-
-
-def plan_shards(items: list[SourceItem], images_per_shard: int) -> list[list[SourceItem]]:
-    """Consecutive identities packed into shards of about ``images_per_shard`` inputs each."""
-    by_id: dict[str, list[SourceItem]] = {}
-    for item in items:
-        by_id.setdefault(item.identity, []).append(item)
-    shards, current = [], []
-    for name in sorted(by_id):
-        if current and len(current) + len(by_id[name]) > images_per_shard:
-            shards.append(current)
-            current = []
-        current.extend(by_id[name])
-    if current:
-        shards.append(current)
-    return shards
-
-
-def split_groups(n: int, max_per_group: int) -> list[range]:
-    """Index ranges of ceil(n / max) near-equal groups."""
-    k = max(1, -(-n // max_per_group))
-    bounds = np.linspace(0, n, k + 1).round().astype(int)
-    return [range(bounds[i], bounds[i + 1]) for i in range(k) if bounds[i + 1] > bounds[i]]
-
-
-# --- worker side -------------------------------------------------------------------------------------
-_WORKER: dict = {}
-
-
-def _init_worker(detector: str, weights: Path | None, record_opts: RecordOptions, dlib_embed: bool) -> None:
-    from fact_lightning.faces.detectors import create_detector
-
-    _WORKER["detector"] = create_detector(detector, weights)
-    _WORKER["opts"] = record_opts
-    _WORKER["embedder"] = ident.DlibEmbedder() if dlib_embed else None
-
-
-def _process(item: SourceItem) -> ImageRecord | Reject:
-    try:
-        return records.process_item(item, _WORKER["detector"], _WORKER["opts"], _WORKER["embedder"])
-    except Exception as exc:  # noqa: BLE001 - per-sample error handler: one bad photo must not end a build
-        logger.exception("unexpected error on %s", item.source)
-        return Reject(item.source, item.identity, records.PROCESSING_ERROR, f"{type(exc).__name__}: {exc}")
-
-
-class _Processor:
-    """Maps items to records in order, in this process or in a spawn pool of ``workers`` processes."""
-
-    def __init__(self, opts: BuildOptions, dlib_embed: bool):
-        args = (opts.detector, opts.detector_weights, opts.record, dlib_embed)
-        self._pool = None
-        if opts.workers > 1:
-            self._pool = mp.get_context("spawn").Pool(opts.workers, initializer=_init_worker, initargs=args)
-        else:
-            _init_worker(*args)
-
-    def map(self, items: list[SourceItem]) -> Iterator[ImageRecord | Reject]:
-        if self._pool is None:
-            return map(_process, items)
-        return self._pool.imap(_process, items, chunksize=1)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-            self._pool.join()
-
-
-# --- main side ---------------------------------------------------------------------------------------
-def _resolve_device(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def _plan_hash(opts: BuildOptions, encoder: dict, shard: list[SourceItem]) -> str:
-    payload = {"format_version": schema.FORMAT_VERSION, "options": opts.fingerprint(),
-               "encoder": {k: encoder[k] for k in ("variant", "weights_sha256", "random")},
-               "items": [i.fingerprint() for i in shard]}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def _clean_out(out: Path, keep: set[str], resume: bool) -> None:
-    for name in (schema.MANIFEST_NAME, schema.MANIFEST_NAME + ".tmp", schema.REJECTS_NAME + ".tmp"):
-        (out / name).unlink(missing_ok=True)
+# --- the output folder -------------------------------------------------------------------------------
+def _remove_extra_shards(out: Path, planned: int) -> None:
+    """Shard files beyond the plan (an earlier, larger build): removed once the new manifest is in place."""
+    keep = {shards.shard_name(i) for i in range(planned)} | {shards.stats_name(i) for i in range(planned)}
     for path in out.iterdir():
-        if _SHARD_FILE.match(path.name) and (not resume or path.name not in keep or path.name.endswith(".tmp")):
-            logger.info("removing %s", path)
+        if shards.SHARD_FILE_RE.match(path.name) and path.name not in keep:
+            logger.info("removing %s (not part of this build)", path)
             path.unlink()
 
 
+def _previous_manifest(out: Path) -> dict | None:
+    try:
+        return shards.read_manifest(out)
+    except shards.ManifestError:
+        return None
+
+
+def _report_changes(out: Path, previous: dict | None, opts: BuildOptions, encoder: dict, vae: dict | None) -> None:
+    if previous is None:
+        return
+    old, new = fingerprint(previous.get("options") or {}), opts.fingerprint()
+    changed = [k for k in CONTENT_OPTIONS if old.get(k) != new.get(k)]
+    old_enc = previous.get("encoder") or {}
+    if old_enc.get("weights_sha256") != encoder.get("weights_sha256") or old_enc.get("variant") != encoder["variant"]:
+        changed.append("encoder weights")
+    if previous.get("vae") != vae:
+        changed.append("cached latents (--vae)")
+    if changed:
+        logger.warning("options changed since the build in %s (%s): its shards will be rebuilt; the old %s stays "
+                       "until the new build completes", out, ", ".join(changed), shards.MANIFEST_NAME)
+
+
+# --- building ----------------------------------------------------------------------------------------
 class _Builder:
-    def __init__(self, opts: BuildOptions, progress: ProgressFn | None):
+    def __init__(self, opts: BuildOptions, progress: ProgressFn):
         self.opts = opts
-        self.progress = progress or (lambda n: None)
-        self.device = _resolve_device(opts.device)
+        self.progress = progress
+        self.device = resolve_device(opts.device)
         self.model, info = load_encoder(opts.encoder, opts.encoder_weights, opts.random_encoder)
         self.model.to(self.device)
         self.encoder = {**info.to_dict(), "token_shape": [self.model.num_tokens, self.model.token_dim],
@@ -183,83 +89,101 @@ class _Builder:
         if opts.verify_identities and model_name == "transface" and info.random:
             raise ValueError("identity checks with TransFace need real --encoder-weights; use --identity-model dlib")
         self.identity_model = model_name if opts.verify_identities else None
-        self.processor: _Processor | None = None
+        self.processor: Processor | None = None
+        self.vae, self.vae_info = None, None
+        if opts.latents.vae is not None:
+            import torch
 
-    def process_shard(self, index: int, items: list[SourceItem], plan_hash: str) -> dict:
+            self.vae, info = latents.load_vae(opts.latents)
+            torch.nn.Module.to(self.vae, self.device)
+            self.vae_info = latents.with_shape(info, self.vae, opts.record.resolution)
+
+    def process_shard(self, plan: ShardPlan) -> dict:
         start = time.perf_counter()
         if self.processor is None:  # started lazily: a fully resumed build spawns nothing
-            self.processor = _Processor(self.opts, dlib_embed=self.identity_model == "dlib")
-        accepted: list[ImageRecord] = []
+            o = self.opts
+            self.processor = Processor(o.workers, o.detector, o.detector_weights, o.record,
+                                       dlib_embed=self.identity_model == "dlib")
+        results = self.processor.map(plan.items, label=plan.name)
         rejects: list[Reject] = []
-        seen: set[tuple[str, str]] = set()
-        for result in self.processor.map(items):
-            self.progress(1)
-            if isinstance(result, Reject):
-                rejects.append(result)
-                continue
-            key = (result.identity, result.meta["source_sha256"])
-            if key in seen:
-                rejects.append(Reject(result.source, result.identity, records.DUPLICATE,
-                                      "same bytes as an earlier image of this identity"))
-                continue
-            seen.add(key)
-            accepted.append(result)
-        faces = np.stack([r.face for r in accepted]) if accepted else np.zeros((0, 112, 112, 3), np.uint8)
-        tokens = list(encode_faces(self.model, faces, self.device, self.opts.batch_size))
-        accepted, tokens = self._verify(accepted, tokens, rejects)
-        return self._write(index, items, accepted, tokens, rejects, plan_hash, time.perf_counter() - start)
+        accepted: list[tuple[IdentityPlan, list[ImageRecord]]] = []
+        for identity in plan.identities:
+            kept, seen = [], set()
+            for _ in identity.items:
+                result = next(results)
+                self.progress(1)
+                if isinstance(result, Reject):
+                    rejects.append(result)
+                elif result.meta["source_sha256"] in seen:
+                    rejects.append(Reject(result.source, result.identity, records.DUPLICATE,
+                                          "same bytes as an earlier image of this identity"))
+                else:
+                    seen.add(result.meta["source_sha256"])
+                    kept.append(result)
+            accepted.append((identity, kept))
+        flat = [r for _, kept in accepted for r in kept]
+        faces = np.stack([r.face for r in flat]) if flat else np.zeros((0, 112, 112, 3), np.uint8)
+        tokens = iter(list(encode_faces(self.model, faces, self.device, self.opts.batch_size)))
+        groups = [(identity, [(r, next(tokens)) for r in kept]) for identity, kept in accepted]
+        groups = self._verify(groups, rejects)
+        return self._write(plan, groups, rejects, time.perf_counter() - start)
 
-    def _verify(self, accepted, tokens, rejects):
-        if self.identity_model is None or not accepted:
-            return accepted, tokens
+    def _verify(self, groups: list[tuple[IdentityPlan, Pairs]], rejects: list[Reject]):
+        flat = [pair for _, pairs in groups for pair in pairs]
+        if self.identity_model is None or not flat:
+            return groups
         if self.identity_model == "transface":
-            embeddings = list(embed_tokens(self.model, np.stack(tokens), self.device))
+            embeddings = iter(list(embed_tokens(self.model, np.stack([t for _, t in flat]), self.device)))
             metric, default = "cosine", ident.TRANSFACE_THRESHOLD
         else:
-            embeddings = [r.embedding for r in accepted]
+            embeddings = iter([r.embedding for r, _ in flat])
             metric, default = "euclidean", ident.DLIB_THRESHOLD
         threshold = self.opts.identity_threshold or default
-        keep = [True] * len(accepted)
-        by_id: dict[str, list[int]] = {}
-        for i, r in enumerate(accepted):
-            by_id.setdefault(r.identity, []).append(i)
-        for idx in by_id.values():
-            for i, check in zip(idx, ident.check_identity([embeddings[i] for i in idx], threshold, metric)):
-                accepted[i].meta["identity_check"] = {"model": self.identity_model, "distance": check.distance,
-                                                      "threshold": threshold, "ok": check.ok}
+        checked = []
+        for identity, pairs in groups:
+            kept = []
+            for (record, tok), check in zip(pairs, ident.check_identity([next(embeddings) for _ in pairs], threshold,
+                                                                        metric)):
+                record.meta["identity_check"] = {"model": self.identity_model, "distance": check.distance,
+                                                 "threshold": threshold, "ok": check.ok}
                 if not check.ok and self.opts.drop_mismatched:
-                    keep[i] = False
-                    rejects.append(Reject(accepted[i].source, accepted[i].identity, records.IDENTITY_MISMATCH,
+                    rejects.append(Reject(record.source, record.identity, records.IDENTITY_MISMATCH,
                                           f"{metric} distance {check.distance} > {threshold}"))
-        return [r for r, k in zip(accepted, keep) if k], [t for t, k in zip(tokens, keep) if k]
+                else:
+                    kept.append((record, tok))
+            checked.append((identity, kept))
+        return checked
 
-    def _write(self, index, items, accepted, tokens, rejects, plan_hash, elapsed) -> dict:
+    def _write(self, plan: ShardPlan, groups: list[tuple[IdentityPlan, Pairs]], rejects: list[Reject],
+               elapsed: float) -> dict:
         out = self.opts.out
-        by_id: dict[str, list[int]] = {}
-        for i, r in enumerate(accepted):
-            by_id.setdefault(r.identity, []).append(i)
-        counts = {name: {"found": 0, "accepted": 0, "groups": 0} for name in sorted({i.identity for i in items})}
-        for item in items:
-            counts[item.identity]["found"] += 1
-        samples = 0
-        with AtomicShardWriter(out / stats.shard_name(index)) as writer:
-            for name in sorted(by_id):
-                idx = by_id[name]
-                for g, part in enumerate(split_groups(len(idx), self.opts.max_per_group)):
-                    members = [idx[j] for j in part]
-                    writer.write(group_sample(f"{index:06d}_{samples:04d}", name, g,
-                                              [accepted[j] for j in members], [tokens[j] for j in members]))
+        counts, samples, images = {}, 0, 0
+        path = out / plan.name
+        planned = []  # (identity, group index, [(record, tokens)]) in file order
+        for identity, pairs in groups:
+            parts = split_groups(len(pairs), self.opts.max_per_group) if pairs else []
+            planned += [(identity, g, [pairs[j] for j in part]) for g, part in enumerate(parts)]
+            counts[identity.name] = {"found": len(identity.items), "accepted": len(pairs), "groups": len(parts)}
+            images += len(pairs)
+        cached = iter([None] * images)
+        if self.vae is not None:  # in file order and fixed batches, as `fact-data add-latents` computes them
+            crops = [record.crop_jpg for _, _, part in planned for record, _ in part]
+            cached = iter(latents.encode_latents(self.vae, crops, self.device, self.opts.latents.vae_batch_size))
+        with os_errors(f"cannot write {path}"):
+            with shards.ShardWriter(path) as writer:
+                for identity, g, part in planned:
+                    fields = [shards.ImageFields(r.crop_jpg, r.mask_png, r.face_png, tok, r.meta, next(cached))
+                              for r, tok in part]
+                    writer.write(shards.group_sample(f"{plan.index:06d}_{samples:04d}", identity.name, g, fields))
                     samples += 1
-                counts[name]["accepted"] = len(idx)
-                counts[name]["groups"] = g + 1
-        rejects.sort(key=lambda r: r.source)
-        shard_stats = {
-            "format_version": schema.FORMAT_VERSION, "name": stats.shard_name(index), "plan_hash": plan_hash,
-            "found": len(items), "images": len(accepted), "samples": samples, "identities": counts,
-            "rejects": [r.to_dict() for r in rejects], "sha256": writer.sha256,
-            "tar_bytes": (out / stats.shard_name(index)).stat().st_size, "elapsed_s": round(elapsed, 3),
-        }
-        stats.write_json_atomic(stats.stats_path(out, index), shard_stats)  # last: marks the shard done
+            rejects.sort(key=lambda r: r.source)
+            shard_stats = {
+                "format_version": schema.FORMAT_VERSION, "name": plan.name, "plan_hash": plan.plan_hash,
+                "found": len(plan.items), "images": images, "samples": samples, "identities": counts,
+                "rejects": [r.to_dict() for r in rejects], "sha256": writer.sha256, "tar_bytes": writer.tar_bytes,
+                "vae": self.vae_info, "elapsed_s": round(elapsed, 3),
+            }
+            shards.write_stats(out, plan.index, shard_stats)  # last: marks the shard done
         return shard_stats
 
     def close(self) -> None:
@@ -267,50 +191,68 @@ class _Builder:
             self.processor.close()
 
 
+def _discover(opts: BuildOptions) -> Discovery:
+    if not Path(opts.src).exists():
+        raise UserError(f"--src not found: {opts.src}")
+    found = discover(opts.src, opts.caption_template)
+    if not found.items:
+        reasons = sorted({s.reason for s in found.skipped})
+        detail = f" ({found.found} found and skipped: {', '.join(reasons)})" if found.skipped else ""
+        raise UserError(f"no usable photos in {opts.src}{detail}: put each person's photos in a folder "
+                        f"src/<identity>/ or list them in a CSV/JSONL file")
+    return found
+
+
 def run_build(opts: BuildOptions, progress: ProgressFn | None = None,
               on_plan: Callable[[int, int], None] | None = None) -> dict:
     """Build the dataset in ``opts.out``; returns the manifest (also written to manifest.json, last)."""
+    progress = progress or (lambda n: None)
     out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    items, orphans = discover(opts.src, opts.caption_template)
-    plan = plan_shards(items, opts.images_per_shard)
-    if on_plan:
-        on_plan(len(items) + len(orphans), len(plan))
-    builder = _Builder(opts, progress)
-    hashes = [_plan_hash(opts, builder.encoder, shard) for shard in plan]
-    keep = {stats.shard_name(i) for i in range(len(plan))} | {stats.stats_path(out, i).name for i in range(len(plan))}
-    _clean_out(out, keep, opts.resume)
-    all_stats, resumed = [], 0
-    try:
-        for index, (shard, plan_hash) in enumerate(zip(plan, hashes)):
-            done = stats.load_finished(out, index, plan_hash) if opts.resume else None
-            if done is not None:
-                resumed += 1
-                (progress or (lambda n: None))(len(shard))
-                logger.info("resume: %s already complete", done["name"])
-            else:
-                done = builder.process_shard(index, shard, plan_hash)
-            all_stats.append(done)
-    finally:
-        builder.close()
-    orphan_rejects = [Reject(o.source, "", records.NO_IDENTITY, "image directly under --src").to_dict()
-                      for o in orphans]
-    if orphans:
-        (progress or (lambda n: None))(len(orphans))
-    summary = stats.summarize(all_stats, orphan_rejects)
-    stats.write_rejects(out, summary.pop("rejects"))
-    warnings = [RANDOM_ENCODER_WARNING] if builder.encoder["random"] else []
-    manifest = {
-        "format_version": schema.FORMAT_VERSION,
-        "tool": {"name": "fact-data", "version": _version()},
-        "options": opts.to_dict(),
-        "encoder": builder.encoder,
-        "detector": {"name": opts.detector, "weights": str(opts.detector_weights) if opts.detector_weights else None},
-        **summary,
-        "warnings": warnings,
-        "resumed_shards": resumed,
-    }
-    stats.write_json_atomic(out / schema.MANIFEST_NAME, manifest)
+    found = _discover(opts)
+    with locked_output(out):
+        builder = _Builder(opts, progress)
+        salt = {"options": opts.fingerprint(),
+                "encoder": {k: builder.encoder[k] for k in ("variant", "weights_sha256", "random")}}
+        plan = plan_shards(found.items, opts.images_per_shard, salt)
+        if on_plan:
+            on_plan(found.found, len(plan))
+        previous = _previous_manifest(out)
+        _report_changes(out, previous, opts, builder.encoder, builder.vae_info)
+        with os_errors(f"cannot write to --out {out}"):
+            clean_tmp(out)
+        all_stats, resumed = [], 0
+        try:
+            for shard in plan:
+                done = (stats.load_finished(out, shard.index, shard.plan_hash, builder.vae_info)
+                        if opts.resume else None)
+                if done is not None:
+                    resumed += 1
+                    progress(len(shard.items))
+                    logger.info("resume: %s already complete", done["name"])
+                else:
+                    shards.remove_shard(out, shard.index)  # the old manifest now fails loudly, not silently
+                    done = builder.process_shard(shard)
+                all_stats.append(done)
+        finally:
+            builder.close()
+        progress(len(found.skipped))
+        summary = stats.summarize(all_stats, [asdict(s) for s in found.skipped])
+        manifest = {
+            "format_version": schema.FORMAT_VERSION,
+            "tool": {"name": "fact-data", "version": _version()},
+            "options": opts.to_dict(),
+            "encoder": builder.encoder,
+            "vae": builder.vae_info,
+            "detector": {"name": opts.detector,
+                         "weights": str(opts.detector_weights) if opts.detector_weights else None},
+            **{k: v for k, v in summary.items() if k != "rejects"},
+            "warnings": [RANDOM_ENCODER_WARNING] if builder.encoder["random"] else [],
+            "resumed_shards": resumed,
+        }
+        with os_errors(f"cannot write to --out {out}"):
+            shards.write_rejects(out, summary["rejects"])
+            shards.write_manifest(out, manifest)
+            _remove_extra_shards(out, len(plan))
     return manifest
 
 

@@ -1,16 +1,21 @@
-"""`fact-data`: build identity-grouped FACT shards, inspect them, preview them, verify identities.
+"""`fact-data`: build identity-grouped FACT shards, add cached VAE latents, inspect, preview, verify identities.
 
-The only module of data_tools that prints.
+The only module of data_tools that prints. `build`'s options are the fields of ``BuildOptions`` and
+``RecordOptions`` (default, type and help declared there once) turned into Typer parameters here. Errors a
+user can fix end as one ``error: ...`` line and exit status 2 (``fact_lightning.errors.guarded``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import inspect as pyinspect
+import io
 import json
 import logging
-import os
-from enum import Enum
+import typing
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -20,28 +25,15 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.table import Table
 from rich.text import Text
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+from data_tools.options import AddLatentsOptions, BuildOptions
+from fact_lightning.errors import UserError, guarded
+
+# Plain click help: it wraps long option names and help at any width instead of cutting them off.
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_enable=False,
                   help="Build and check identity-grouped webdataset shards for FACT training.")
 console = Console(stderr=True)
 out_console = Console()
-
-
-class Detector(str, Enum):
-    mediapipe = "mediapipe"
-    facexlib = "facexlib"
-
-
-class Variant(str, Enum):
-    S = "S"
-    B = "B"
-    L = "L"
-    tiny = "tiny"
-
-
-class IdentityModel(str, Enum):
-    auto = "auto"
-    dlib = "dlib"
-    transface = "transface"
 
 
 class RateColumn(ProgressColumn):
@@ -52,68 +44,74 @@ class RateColumn(ProgressColumn):
 
 @app.callback()
 def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)])
+    handler = RichHandler(console=console, show_path=False)
+    # The random-encoder warning is the build summary's to give, once (the loader logs it too).
+    handler.addFilter(lambda record: "RANDOMLY INITIALISED" not in record.getMessage())
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s", handlers=[handler])
 
 
-def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
+# --- options declared on dataclasses -> Typer parameters -----------------------------------------------
+def _option_parameters(cls: type) -> list[pyinspect.Parameter]:
+    """One keyword parameter per field of ``cls`` (nested dataclasses flattened), with its default and help."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            params += _option_parameters(hint)
+            continue
+        if not f.metadata.get("cli", True):
+            continue
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        base = next(a for a in args if a is not type(None)) if optional else hint
+        name = "--" + f.name.replace("_", "-")
+        default = ... if f.default is dataclasses.MISSING else f.default
+        if base is bool:
+            decls = [f"{name}/--no-{name[2:]}" if default else name]
+        else:
+            decls = [f.metadata.get("flag") or name]
+        choices = f.metadata.get("choices")
+        if choices:  # Typer spells a choice as an Enum
+            base = enum.Enum(f.name, [(c, c) for c in choices], type=str)
+            default = base(default) if default is not ... else default
+        option = typer.Option(default, *decls, help=f.metadata.get("help", ""))
+        annotation = Optional[base] if optional else base
+        params.append(pyinspect.Parameter(f.name, pyinspect.Parameter.KEYWORD_ONLY, default=option,
+                                          annotation=annotation))
+    return params
 
 
+def _from_options(cls: type, values: dict) -> Any:
+    """``cls`` built from the flat parameter values (nested dataclasses from their own fields)."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = _from_options(hints[f.name], values)
+        elif f.name in values:
+            value = values[f.name]
+            kwargs[f.name] = value.value if isinstance(value, enum.Enum) else value
+    return cls(**kwargs)
+
+
+def _with_parameters(params: list[pyinspect.Parameter]):
+    def decorate(fn):
+        fn.__signature__ = pyinspect.Signature(params)
+        fn.__annotations__ = {p.name: p.annotation for p in params}
+        return fn
+    return decorate
+
+
+# --- build -----------------------------------------------------------------------------------------------
 @app.command()
-def build(
-    src: Path = typer.Option(..., "--src", help="Identity folders (src/<identity>/...) or a CSV/JSONL manifest."),
-    out: Path = typer.Option(..., "--out", help="Output folder for shards, stats, manifest.json, rejects.jsonl."),
-    detector: Detector = typer.Option(Detector.mediapipe, help="Face detector backend."),
-    detector_weights: Optional[Path] = typer.Option(None, help="Folder with facexlib weights (detection_Resnet50_Final.pth, parsing_bisenet.pth)."),
-    encoder: Variant = typer.Option(Variant.S, help="TransFace variant."),
-    encoder_weights: Optional[Path] = typer.Option(None, help="Official TransFace file, e.g. ms1mv2_model_TransFace_S.pt."),
-    random_encoder: bool = typer.Option(False, "--random-encoder", help="Seeded RANDOM encoder weights (tests and demos only)."),
-    resolution: int = typer.Option(512, help="Side of the square training crop."),
-    min_face_size: int = typer.Option(64, help="Reject faces whose box is smaller than this (source pixels)."),
-    min_score: float = typer.Option(0.5, help="Reject faces with a lower detection score."),
-    keep_dominant: bool = typer.Option(False, "--keep-dominant", help="With several faces keep the clearly largest one instead of rejecting."),
-    dominant_ratio: float = typer.Option(2.0, help="Area ratio largest/second that counts as clearly largest."),
-    max_face_outside: float = typer.Option(0.1, help="Reject faces with more than this fraction of their box outside the image."),
-    mask_dilate: float = typer.Option(0.0, help="Dilate the face mask by this fraction of the face size."),
-    face_fraction: float = typer.Option(0.35, help="Face size as a fraction of the training crop's side."),
-    max_pixels: int = typer.Option(64_000_000, help="Reject images with more pixels (decompression bombs)."),
-    jpeg_quality: int = typer.Option(95, help="JPEG quality of the training crops."),
-    caption_template: str = typer.Option("a photo of a person", help="Caption without a sidecar .txt; {identity} is replaced."),
-    max_per_group: int = typer.Option(16, help="At most this many images per identity sample."),
-    images_per_shard: int = typer.Option(512, help="About this many input photos per shard (identities are never split)."),
-    workers: int = typer.Option(1, help="Worker processes for decoding, detection, masks and crops."),
-    batch_size: int = typer.Option(32, help="Encoder batch size."),
-    device: str = typer.Option("auto", help="Encoder device: auto, cpu, cuda, cuda:1..."),
-    resume: bool = typer.Option(True, "--resume/--no-resume", help="Keep finished shards of an interrupted build."),
-    verify_identities: bool = typer.Option(False, "--verify-identities", help="Flag images that do not match their identity."),
-    drop_mismatched: bool = typer.Option(False, "--drop-mismatched", help="Reject flagged images (needs --verify-identities)."),
-    identity_model: IdentityModel = typer.Option(IdentityModel.auto, help="auto: TransFace with real weights, else dlib."),
-    identity_threshold: Optional[float] = typer.Option(None, help="Distance threshold (dlib default 0.6, TransFace cosine 0.6)."),
-) -> None:
+@_with_parameters(_option_parameters(BuildOptions))
+@guarded
+def build(**values: Any) -> None:
     """Build webdataset shards: one sample per identity group, with crops, masks, aligned faces, tokens."""
-    from data_tools.build import BuildOptions, run_build
-    from data_tools.records import RecordOptions
+    from data_tools.build import run_build
 
-    try:
-        record = RecordOptions(resolution=resolution, min_face_size=min_face_size, min_score=min_score,
-                               keep_dominant=keep_dominant, dominant_ratio=dominant_ratio,
-                               max_face_outside=max_face_outside, mask_dilate=mask_dilate,
-                               face_fraction=face_fraction, max_pixels=max_pixels, jpeg_quality=jpeg_quality)
-        opts = BuildOptions(src=src, out=out, record=record, detector=detector.value, detector_weights=detector_weights,
-                            encoder=encoder.value, encoder_weights=encoder_weights, random_encoder=random_encoder,
-                            caption_template=caption_template, max_per_group=max_per_group,
-                            images_per_shard=images_per_shard, workers=workers, batch_size=batch_size, device=device,
-                            resume=resume, verify_identities=verify_identities, drop_mismatched=drop_mismatched,
-                            identity_model=identity_model.value, identity_threshold=identity_threshold)
-    except ValueError as exc:
-        _fail(str(exc))
-    if not src.exists():
-        _fail(f"--src not found: {src}")
-    if random_encoder and encoder_weights is None:
-        console.print("[bold yellow]warning:[/] --random-encoder: features come from RANDOM weights; "
-                      "fine for tests and demos, useless for training")
+    opts = _from_options(BuildOptions, values)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -122,12 +120,8 @@ def build(
         def on_plan(found: int, shards: int) -> None:
             progress.update(task, total=found, description=f"photos ({shards} shards)")
 
-        try:
-            manifest = run_build(opts, progress=lambda n: progress.advance(task, n), on_plan=on_plan)
-        except (ValueError, FileNotFoundError, ModuleNotFoundError) as exc:
-            progress.stop()
-            _fail(str(exc))
-    _print_summary(manifest, out)
+        manifest = run_build(opts, progress=lambda n: progress.advance(task, n), on_plan=on_plan)
+    _print_summary(manifest, opts.out)
 
 
 def _print_summary(manifest: dict, out: Path) -> None:
@@ -152,18 +146,57 @@ def _print_summary(manifest: dict, out: Path) -> None:
         out_console.print(reasons)
     out_console.print(f"{len(manifest['shards'])} shards, {manifest['resumed_shards']} resumed; "
                       f"encoder TransFace-{manifest['encoder']['variant']} tokens {manifest['encoder']['token_shape']}")
+    out_console.print(_latents_line(manifest))
     for warning in manifest["warnings"]:
         out_console.print(f"[bold yellow]warning:[/] {warning}")
 
 
+def _latents_line(manifest: dict) -> str:
+    vae = manifest.get("vae")
+    if not vae:
+        return "latents: none cached (training encodes the crops with the model's VAE)"
+    made = f"seed {vae.get('seed')}" if vae.get("seed") is not None else (
+        f"{vae.get('source')}" + (f" revision {vae['revision']}" if vae.get("revision") else ""))
+    return (f"latents: VAE {vae.get('name')} ({made}; weights sha256 {vae.get('weights_sha256')}); mean and std "
+            f"{vae.get('latent_shape')} {vae.get('latent_dtype')}, scaling factor {vae.get('scaling_factor')} not applied")
+
+
+# --- add-latents -----------------------------------------------------------------------------------------
+@app.command("add-latents")
+@_with_parameters([pyinspect.Parameter("path", pyinspect.Parameter.KEYWORD_ONLY, annotation=Path, default=typer.Argument(
+    ..., help="A folder written by `fact-data build`."))] + _option_parameters(AddLatentsOptions))
+@guarded
+def add_latents(path: Path, **values: Any) -> None:
+    """Cache every crop's VAE latent mean and std in existing shards (resumable; manifest.json last)."""
+    from data_tools.latents import run_add_latents
+
+    _dataset_folder(path)
+    opts = _from_options(AddLatentsOptions, values)
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task("images", total=None)
+        manifest = run_add_latents(path, opts, progress=lambda n: progress.advance(task, n))
+    out_console.print(f"{len(manifest['shards'])} shards, {manifest['resumed_shards']} already had these latents")
+    out_console.print(_latents_line(manifest))
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+def _dataset_folder(path: Path) -> None:
+    if not path.is_dir():
+        raise UserError(f"not a folder: {path}")
+
+
 @app.command()
-def inspect(path: Path = typer.Argument(..., help="A folder written by `fact-data build`.")) -> None:
-    """Counts, identities, encoder and format version; reads every shard to its end."""
+@guarded
+def inspect(
+    path: Path = typer.Argument(..., help="A folder written by `fact-data build`."),
+    quick: bool = typer.Option(False, "--quick", help="Check structure, tokens and sha256 without decoding images."),
+) -> None:
+    """Counts, encoder and format version; checks every shard's sha256 and every sample against the manifest."""
     from data_tools.dataset import inspect_dataset
 
-    if not path.is_dir():
-        _fail(f"not a folder: {path}")
-    report = inspect_dataset(path)
+    _dataset_folder(path)
+    report = inspect_dataset(path, quick=quick)
     m = report.manifest or {}
     if m:
         enc = m.get("encoder", {})
@@ -171,6 +204,7 @@ def inspect(path: Path = typer.Argument(..., help="A folder written by `fact-dat
                           f"tokens {enc.get('token_shape')} {enc.get('token_dtype')}"
                           f"{' [bold yellow](RANDOM weights)[/]' if enc.get('random') else ''}; "
                           f"weights sha256 {enc.get('weights_sha256')}")
+        out_console.print(_latents_line(m))
         c = m.get("counts", {})
         out_console.print(f"{c.get('identities')} identities, {c.get('samples')} samples, {c.get('images')} images; "
                           f"found {c.get('found')}, rejected {c.get('rejected')} {m.get('rejects_by_reason')}")
@@ -187,6 +221,7 @@ def inspect(path: Path = typer.Argument(..., help="A folder written by `fact-dat
 
 
 @app.command()
+@guarded
 def preview(
     path: Path = typer.Argument(..., help="A folder written by `fact-data build`."),
     out: Path = typer.Option(Path("sheet.png"), "--out", help="PNG file to write."),
@@ -194,32 +229,35 @@ def preview(
     columns: int = typer.Option(6, help="Tiles per row."),
 ) -> None:
     """Contact sheet PNG: crops with mask overlay, landmarks and face box, next to the aligned faces."""
-    from data_tools.dataset import ShardError
     from data_tools.preview import contact_sheet
+    from fact_lightning.files import write_bytes_atomic
 
-    try:
-        sheet = contact_sheet(path, max_images=max_images, columns=columns)
-    except (ShardError, ValueError) as exc:
-        _fail(str(exc))
-    sheet.save(out)
+    _dataset_folder(path)
+    sheet = contact_sheet(path, max_images=max_images, columns=columns)
+    buf = io.BytesIO()
+    sheet.save(buf, format="PNG")
+    write_bytes_atomic(out, buf.getvalue())
     out_console.print(f"wrote {out} ({sheet.width}x{sheet.height})")
 
 
 @app.command("verify-identities")
+@guarded
 def verify_identities(
     path: Path = typer.Argument(..., help="A folder written by `fact-data build`."),
     threshold: Optional[float] = typer.Option(None, help="dlib distance threshold (default 0.6)."),
     report: Optional[Path] = typer.Option(None, help="Write every image's check as JSONL here."),
 ) -> None:
     """Flag images whose face does not match the rest of their identity (dlib face-recognition model)."""
-    from data_tools.dataset import ShardError, verify_dataset
+    from data_tools.dataset import verify_dataset
+    from fact_lightning.files import write_bytes_atomic
 
+    _dataset_folder(path)
     try:
         rows = verify_dataset(path, threshold=threshold)
-    except (ShardError, ModuleNotFoundError) as exc:
-        _fail(str(exc))
+    except ModuleNotFoundError as exc:
+        raise UserError(f"{exc}: install the dlib extra (pip install 'fact-lightning[dlib]')") from None
     if report:
-        report.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows), encoding="utf-8")
+        write_bytes_atomic(report, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode("utf-8"))
     flagged = [r for r in rows if not r["ok"]]
     table = Table(title=f"{len(flagged)} of {len(rows)} images flagged ({rows[0]['model'] if rows else 'dlib'})")
     for col in ("identity", "source", "distance"):
@@ -230,9 +268,6 @@ def verify_identities(
 
 
 def main() -> None:
-    # Quiet the native (glog / TFLite) logging of mediapipe in this process and in spawned workers.
-    os.environ.setdefault("GLOG_minloglevel", "2")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     app()
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
+import stat
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from PIL import Image
 
-from data_tools.sources import SourceItem
+from data_tools.declare import option
+from data_tools.sources import NO_IDENTITY, NOT_A_FILE, SourceItem
 from fact_lightning.data import schema
 from fact_lightning.faces import alignment, masks
 from fact_lightning.faces.decode import DEFAULT_MAX_PIXELS, decode_image
@@ -25,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 # Reject reasons, besides those of fact_lightning.faces.decode and of the face policy (faces.reference).
 UNREADABLE = "unreadable"
-NO_IDENTITY = "no_identity_folder"
+FILE_TOO_LARGE = "file_too_large"
 EMPTY_MASK = "empty_mask"
 DUPLICATE = "duplicate"
 IDENTITY_MISMATCH = "identity_mismatch"
@@ -36,16 +39,17 @@ PROCESSING_ERROR = "processing_error"  # an unexpected exception, logged with it
 class RecordOptions:
     """Everything that changes a record; part of the shard fingerprint."""
 
-    resolution: int = 512
-    min_face_size: int = 64
-    min_score: float = 0.5
-    keep_dominant: bool = False
-    dominant_ratio: float = 2.0
-    max_face_outside: float = 0.1
-    mask_dilate: float = 0.0
-    face_fraction: float = 0.35
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    jpeg_quality: int = 95
+    resolution: int = option(512, "Side of the square training crop (pixels).")
+    min_face_size: int = option(64, "Reject faces whose box is smaller (source pixels).")
+    min_score: float = option(0.5, "Reject faces with a lower detection score.")
+    keep_dominant: bool = option(False, "With several faces keep the clearly largest one instead of rejecting.")
+    dominant_ratio: float = option(2.0, "Area ratio largest/second that counts as clearly largest.")
+    max_face_outside: float = option(0.1, "Reject faces with more than this fraction of their box outside.")
+    mask_dilate: float = option(0.0, "Dilate the face mask by this fraction of the face size.")
+    face_fraction: float = option(0.35, "Face size as a fraction of the training crop's side.")
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "Reject images with more pixels (decompression bombs).")
+    max_file_mb: int = option(256, "Reject input files larger than this (MiB).")
+    jpeg_quality: int = option(95, "JPEG quality of the training crops.")
 
     def __post_init__(self) -> None:
         if self.resolution < 64 or self.resolution % 8:
@@ -55,6 +59,8 @@ class RecordOptions:
             raise ValueError(f"face_fraction must be in (0, 1], got {self.face_fraction}")
         if self.mask_dilate < 0:
             raise ValueError(f"mask_dilate must be >= 0, got {self.mask_dilate}")
+        if self.max_file_mb < 1:
+            raise ValueError(f"max_file_mb must be >= 1, got {self.max_file_mb}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
 
@@ -106,6 +112,24 @@ def _round(a: np.ndarray) -> list:
     return np.round(np.asarray(a, np.float64), 2).tolist()
 
 
+def read_regular_file(path: str, max_bytes: int) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; never blocks on a FIFO or reads a device.
+
+    Raises OSError for what cannot be read, ValueError (its reason in ``args[1]``) for what must not be.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO returns at once
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ValueError("not a regular file", NOT_A_FILE)
+        if st.st_size > max_bytes:
+            raise ValueError(f"{st.st_size} bytes > the limit of {max_bytes}", FILE_TOO_LARGE)
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"more than {max_bytes} bytes", FILE_TOO_LARGE)
+    return data
+
+
 def process_item(item: SourceItem, detector: FaceDetector, opts: RecordOptions,
                  embedder=None) -> ImageRecord | Reject:
     """Run one photo through decode, detection, masks, crop and alignment."""
@@ -115,10 +139,11 @@ def process_item(item: SourceItem, detector: FaceDetector, opts: RecordOptions,
     if not item.identity:
         return reject(NO_IDENTITY, "image directly under --src; put it in a <identity>/ folder")
     try:
-        with open(item.path, "rb") as f:
-            data = f.read()
+        data = read_regular_file(item.path, opts.max_file_mb << 20)
     except OSError as exc:
         return reject(UNREADABLE, f"{type(exc).__name__}: {exc.strerror or exc}")
+    except ValueError as exc:
+        return reject(exc.args[1], exc.args[0])
     decoded = decode_image(data, max_pixels=opts.max_pixels)
     if decoded.image is None:
         return reject(decoded.reason, decoded.detail)

@@ -1,18 +1,23 @@
-"""Input discovery: an identity-folder tree or a CSV/JSONL manifest -> sorted list of SourceItem.
+"""Input discovery: an identity-folder tree or a CSV/JSONL list -> sorted SourceItems, and a reject for
+everything found that cannot be used.
 
 Folder layout: ``src/<identity>/**/<image>``; a caption comes from a sidecar ``<image>.txt`` (either
-``photo.txt`` or ``photo.jpg.txt``), else from the caption template. Files with an image extension
-directly under ``src/`` have no identity: they are returned as orphans so the build can reject them.
-Manifest: CSV with a header (``path,identity[,caption]``) or JSONL with those keys; relative paths are
-resolved against the manifest's folder.
+``photo.txt`` or ``photo.jpg.txt``), else from the caption template. Symlinked folders and files are
+followed (a folder reached twice through links is visited once). Names with an image extension that are
+not usable (directly under ``src/``, broken links, FIFOs, devices, folders) come back as rejects.
+List files: CSV with a header (``path,identity[,caption]``) or JSONL objects with those keys; relative
+paths are resolved against the list's folder; a row naming anything but a regular file is rejected.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
-from dataclasses import dataclass
+import os
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -20,11 +25,16 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 DEFAULT_CAPTION_TEMPLATE = "a photo of a person"
 
+# Reject reasons of discovery.
+NO_IDENTITY = "no_identity_folder"
+NOT_A_FILE = "not_a_file"  # a broken link, FIFO, device, socket or folder named like a photo
+LINK_LOOP = "symlink_loop"
+
 
 @dataclass(frozen=True, order=True)
 class SourceItem:
     identity: str
-    source: str  # stable name recorded in the output (relative path or as given in the manifest)
+    source: str  # stable name recorded in the output (relative path or as given in the list)
     path: str    # absolute path to read
     caption: str
 
@@ -35,6 +45,26 @@ class SourceItem:
             return [self.source, self.identity, self.caption, st.st_size, st.st_mtime_ns]
         except OSError:
             return [self.source, self.identity, self.caption, None, None]
+
+
+@dataclass(frozen=True, order=True)
+class Skipped:
+    """Something found that will not be processed, with its reason (a line of rejects.jsonl)."""
+
+    source: str
+    identity: str
+    reason: str
+    detail: str = ""
+
+
+@dataclass
+class Discovery:
+    items: list[SourceItem] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def found(self) -> int:
+        return len(self.items) + len(self.skipped)
 
 
 def render_caption(template: str, identity: str) -> str:
@@ -50,56 +80,125 @@ def _sidecar_caption(path: Path) -> str | None:
     return None
 
 
-def scan_folder(root: Path, caption_template: str = DEFAULT_CAPTION_TEMPLATE) -> tuple[list[SourceItem], list[SourceItem]]:
-    """(items, orphans) of an identity-folder tree, each sorted; orphans have an empty identity."""
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` (links followed) is not a regular file, or None."""
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return f"broken link or unreadable ({exc.strerror or exc})" if path.is_symlink() else f"{exc.strerror or exc}"
+    if stat.S_ISREG(st.st_mode):
+        return None
+    kind = ("folder" if stat.S_ISDIR(st.st_mode) else "FIFO" if stat.S_ISFIFO(st.st_mode)
+            else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+            else "socket" if stat.S_ISSOCK(st.st_mode) else "special file")
+    return f"a {kind}, not a regular file"
+
+
+def _walk(root: Path, skipped: list[Skipped]) -> list[Path]:
+    """Every file name under ``root`` with an image extension, following symlinked folders once each."""
+    found: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:  # a link back into the tree, or a second link to one folder
+            dirnames[:] = []
+            rel = Path(dirpath).relative_to(root)
+            skipped.append(Skipped(rel.as_posix(), rel.parts[0] if rel.parts else "", LINK_LOOP,
+                                   f"links to {os.path.realpath(dirpath)}, which is scanned already"))
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        found.extend(Path(dirpath) / name for name in filenames if Path(name).suffix.lower() in IMAGE_EXTENSIONS)
+    return found
+
+
+def scan_folder(root: Path, caption_template: str = DEFAULT_CAPTION_TEMPLATE) -> Discovery:
+    """Items and skipped inputs of an identity-folder tree, each sorted."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"source folder not found: {root}")
-    items, orphans = [], []
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
-            continue
+    found = Discovery()
+    for path in _walk(root, found.skipped):
         rel = path.relative_to(root)
         identity = rel.parts[0] if len(rel.parts) > 1 else ""
-        caption = _sidecar_caption(path) or render_caption(caption_template, identity)
-        item = SourceItem(identity, rel.as_posix(), str(path.resolve()), caption)
-        (items if identity else orphans).append(item)
-    return sorted(items), sorted(orphans)
+        problem = _file_problem(path)
+        if problem is not None:
+            found.skipped.append(Skipped(rel.as_posix(), identity, NOT_A_FILE, problem))
+        elif not identity:
+            found.skipped.append(Skipped(rel.as_posix(), "", NO_IDENTITY,
+                                         "image directly under --src; put it in a <identity>/ folder"))
+        else:
+            caption = _sidecar_caption(path) or render_caption(caption_template, identity)
+            found.items.append(SourceItem(identity, rel.as_posix(), str(path.absolute()), caption))
+    found.items.sort()
+    found.skipped.sort()
+    return found
 
 
-def _manifest_rows(path: Path) -> list[dict]:
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
+def _list_rows(path: Path) -> list[dict]:
+    text = _read_text(path)
     if path.suffix.lower() == ".jsonl":
         rows = []
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: each line must be a JSON object with path and identity, "
+                                 f"got {type(row).__name__}")
+            rows.append(row)
         return rows
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    raise ValueError(f"manifest must be .csv or .jsonl: {path}")
+        try:
+            return list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as exc:
+            raise ValueError(f"{path}: not a valid CSV file ({exc})") from None
+    raise ValueError(f"an input list must be .csv or .jsonl: {path}")
 
 
-def read_manifest(path: Path, caption_template: str = DEFAULT_CAPTION_TEMPLATE) -> list[SourceItem]:
-    """Items of a CSV/JSONL manifest with keys path, identity and optional caption, sorted."""
+def _text_field(path: Path, n: int, row: dict, key: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"{path}: row {n}: {key!r} must be a string, got {type(value).__name__} {value!r}")
+    return value.strip()
+
+
+def read_list(path: Path, caption_template: str = DEFAULT_CAPTION_TEMPLATE) -> Discovery:
+    """Items of a CSV/JSONL list with keys path, identity and optional caption, sorted; rows that name
+    anything but a regular file are skipped with their reason."""
     path = Path(path)
-    items = []
-    for n, row in enumerate(_manifest_rows(path), 1):
-        src, identity = str(row.get("path") or "").strip(), str(row.get("identity") or "").strip()
+    found = Discovery()
+    for n, row in enumerate(_list_rows(path), 1):
+        src, identity = _text_field(path, n, row, "path"), _text_field(path, n, row, "identity")
         if not src or not identity:
             raise ValueError(f"{path}: row {n} needs both 'path' and 'identity'")
         full = Path(src) if Path(src).is_absolute() else path.parent / src
-        caption = str(row.get("caption") or "").strip() or render_caption(caption_template, identity)
-        items.append(SourceItem(identity, src, str(full.resolve()), caption))
-    return sorted(items)
+        problem = _file_problem(full)
+        if problem is not None:
+            found.skipped.append(Skipped(src, identity, NOT_A_FILE, problem))
+            continue
+        caption = _text_field(path, n, row, "caption") or render_caption(caption_template, identity)
+        found.items.append(SourceItem(identity, src, str(full.absolute()), caption))
+    found.items.sort()
+    found.skipped.sort()
+    return found
 
 
-def discover(src: Path, caption_template: str = DEFAULT_CAPTION_TEMPLATE) -> tuple[list[SourceItem], list[SourceItem]]:
-    """(items, orphans) from a folder or a manifest file."""
+def discover(src: Path, caption_template: str = DEFAULT_CAPTION_TEMPLATE) -> Discovery:
+    """Items and skipped inputs from a folder or a CSV/JSONL list."""
     src = Path(src)
     if src.is_file():
-        return read_manifest(src, caption_template), []
+        return read_list(src, caption_template)
     return scan_folder(src, caption_template)

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from fact_lightning.adapter_io import FORMAT_VERSION, load_adapter, read_adapter_metadata, save_adapter
+from fact_lightning.models.adapter_io import FORMAT_VERSION, load_adapter, read_adapter_metadata, save_adapter
 from fact_lightning.interop.official import export_fact_checkpoint
 from fact_lightning.models.injection import FaceAdapter
 from tests.conftest import tiny_projection_config

@@ -8,7 +8,7 @@ from PIL import Image
 
 from data_tools.build import BuildOptions, run_build
 from data_tools.records import RecordOptions
-from fact_lightning.adapter_io import read_adapter_metadata
+from fact_lightning.models.adapter_io import read_adapter_metadata
 from fact_lightning.cli import build_cli
 from fact_lightning.inference.loading import GeneratorSources, load_generator
 
@@ -34,8 +34,8 @@ def test_photos_to_shards_to_trained_adapter_to_portraits(tmp_path, monkeypatch)
     photo = np.asarray(Image.open(PHOTOS / "fr_obama" / "1.jpg").convert("RGB"))
     identity = generator.encode_references([photo])
     common = dict(seed=0, num_inference_steps=2, height=64, width=64, output_type="np")
-    with_adapter = generator("a photo of a man", identity, scale=1.0, **common)[0]
-    without = generator("a photo of a man", identity, scale=0.0, **common)[0]
+    with_adapter = generator("a photo of a man", identity, adapter_scale=1.0, **common)[0]
+    without = generator("a photo of a man", identity, adapter_scale=0.0, **common)[0]
     assert with_adapter.shape == (64, 64, 3)
     assert not np.allclose(with_adapter, without)  # the trained adapter acts on generation
     assert torch.isfinite(torch.as_tensor(with_adapter)).all()

@@ -1,14 +1,22 @@
-"""LightningDataModule over ``fact-data build`` shards: wiring only (the stages live in ``pipeline.py``)."""
+"""LightningDataModule over ``fact-data build`` shards: wiring only (stages: ``pipeline.py``, files: ``shards.py``).
+
+Resume: the module counts the training batches this rank consumed (``on_before_batch_transfer``) and keeps
+the count in the checkpoint (``state_dict``). In memory, the next run skips the batches of the interrupted
+epoch that were already seen, so it continues with exactly the batches an uninterrupted run would have;
+streaming, it seeds the resumed stream from that count, so it draws new batches instead of replaying.
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .pipeline import SkipAndCount, build_pipeline, check_manifest, expected_counts, read_all, read_manifest, shard_urls
+from . import shards
+from .pipeline import SkipAndCount, StreamSeed, build_pipeline, read_all
 
 log = logging.getLogger(__name__)
 
@@ -24,18 +32,42 @@ class _InMemory(Dataset):
         return self.samples[index]
 
 
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler whose first epoch after a resume starts ``skip[1]`` samples into epoch ``skip[0]``'s
+    permutation; its length stays the whole epoch's, as Lightning counts batches from the epoch start."""
+
+    def __init__(self, dataset: Dataset, *, skip: tuple[int, int] | None = None, **kwargs: Any):
+        super().__init__(dataset, **kwargs)
+        self.skip = skip
+
+    def __iter__(self):
+        indices = list(super().__iter__())
+        if self.skip is not None and self.skip[0] == self.epoch:
+            indices = indices[self.skip[1]:]
+            self.skip = None
+        return iter(indices)
+
+
 class FactDataModule(pl.LightningDataModule):
     """Identity-grouped shards -> batches of (target, paired reference, shuffled reference).
 
     Args:
         root: the dataset folder (``manifest.json`` and the shards it lists).
         batch_size: per process; the global batch is batch_size x processes x accumulation.
-        resolution: training crop size in pixels (crops of another size are resized).
+        resolution: training crop size in pixels; None takes the shards' (``manifest.json``). Another value
+            than the shards' is an error unless ``resize`` is set.
+        resize: resize crops to ``resolution`` when it differs from the shards'.
         token_dim: the projection's token width; checked against the manifest (linked from the model by fact-train).
         encoder: the face encoder variant the shards must have been encoded with (None: any).
+        vae: the model's VAE (``BaseModelSpec.describe_vae()``; linked from ``model.base`` by fact-train). Shards
+            that cache latents (``fact-data ... --vae``) must name the same VAE; shards without train as before.
+        cached_latents: use the shards' cached latents when they have them (the model then skips its VAE);
+            False encodes every crop with the model's VAE (and does not compare VAEs).
         streaming: True reads a resampled infinite stream (large sets, multi-GPU); False decodes every sample
             into memory once and lets Lightning's distributed sampler split it (small sets; deterministic).
         shuffle: shuffle the in-memory set each epoch (``streaming=False`` only; the stream always shuffles).
+        max_consecutive_errors: stop with an error after this many unreadable samples or shards in a row.
+        pin_memory: page-locked batches, for faster asynchronous copies to a GPU.
         val_root: an optional second dataset folder read in memory for validation.
     """
 
@@ -43,9 +75,12 @@ class FactDataModule(pl.LightningDataModule):
         self,
         root: str,
         batch_size: int = 4,
-        resolution: int = 512,
+        resolution: int | None = None,
+        resize: bool = False,
         token_dim: int | None = None,
         encoder: str | None = None,
+        vae: str | None = None,
+        cached_latents: bool = True,
         streaming: bool = True,
         shuffle: bool = True,
         num_workers: int = 4,
@@ -53,59 +88,111 @@ class FactDataModule(pl.LightningDataModule):
         shuffle_samples: int = 500,
         epoch_samples: int = 10_000,
         seed: int = 0,
+        max_consecutive_errors: int = 100,
+        pin_memory: bool = False,
         val_root: str | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.root = Path(root)
-        self.handler = SkipAndCount()
+        self.handler = SkipAndCount(max_consecutive_errors)
         self.manifest: dict | None = None
+        self.resolution: int | None = resolution
+        self.seeds = StreamSeed(seed)
         self._train = None
         self._val = None
+        self._consumed = 0                    # training batches this rank consumed, over all runs
+        self._epoch, self._in_epoch = 0, 0    # the epoch of the last consumed batch, and batches in it
 
-    def _urls(self, root: Path) -> tuple[list[str], dict[str, int]]:
-        manifest = read_manifest(root)
-        check_manifest(manifest, token_dim=self.hparams.token_dim, encoder=self.hparams.encoder, source=str(root))
+    def _read(self, root: Path) -> dict:
+        """The checked manifest of ``root``, and the shard list with their group counts."""
+        manifest = shards.read_manifest(root)
+        shards.check_manifest(manifest, token_dim=self.hparams.token_dim, encoder=self.hparams.encoder, source=str(root))
+        theirs = shards.manifest_resolution(manifest)
+        wanted = self.hparams.resolution
+        if wanted is None and theirs is None:
+            raise shards.ManifestError(f"{root / shards.MANIFEST_NAME} records no resolution: set data.resolution")
+        if wanted is not None and theirs is not None and wanted != theirs and not self.hparams.resize:
+            raise shards.ManifestError(f"data.resolution is {wanted} but the shards in {root} are {theirs} px: "
+                                       "leave data.resolution unset to use the shards', or set data.resize: true")
         if root == self.root:
+            if self.manifest is None and (manifest.get("encoder") or {}).get("random"):
+                log.warning("the shards in %s were encoded with a random-weight face encoder: fine for tests and "
+                            "demos, useless for real training", root)
             self.manifest = manifest
-        return shard_urls(root, manifest), expected_counts(root, manifest)
+            self.resolution = wanted if wanted is not None else theirs
+        shape = (manifest.get("encoder") or {}).get("token_shape")
+        latent_shape = None
+        if self.hparams.cached_latents:
+            side = self.resolution if self.resolution is not None else theirs  # what training reads
+            latent_shape = shards.check_latents(manifest, vae=self.hparams.vae, resolution=side, source=str(root))
+        return {"urls": shards.shard_urls(root, manifest), "expected_counts": shards.expected_counts(root, manifest),
+                "token_shape": tuple(shape) if shape else None,
+                "latents": dict(latent_shape=latent_shape, ignore_latents=not self.hparams.cached_latents)}
+
+    def check(self) -> None:
+        """Reads and checks the manifests (cheap): a bad data folder fails before a run starts writing anything."""
+        self._read(self.root)
+        if self.hparams.val_root:
+            self._read(Path(self.hparams.val_root))
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
         if self._train is None and stage in (None, "fit"):
-            urls, counts = self._urls(self.root)
+            data = self._read(self.root)
+            common = dict(resolution=self.resolution, token_shape=data["token_shape"], resize=hp.resize,
+                          handler=self.handler, expected_counts=data["expected_counts"], **data["latents"])
             if hp.streaming:
-                self._train = build_pipeline(
-                    urls, resolution=hp.resolution, resampled=True, shuffle_groups=hp.shuffle_groups,
-                    shuffle_samples=hp.shuffle_samples, seed=hp.seed, handler=self.handler,
-                    epoch_samples=hp.epoch_samples, expected_counts=counts,
-                )
+                self._train = build_pipeline(data["urls"], resampled=True, shuffle_groups=hp.shuffle_groups,
+                                             shuffle_samples=hp.shuffle_samples, seed=self.seeds,
+                                             epoch_samples=hp.epoch_samples, **common)
             else:
-                self._train = _InMemory(read_all(urls, resolution=hp.resolution, seed=hp.seed, handler=self.handler,
-                                                 expected_counts=counts))
+                self._train = _InMemory(read_all(data["urls"], seed=hp.seed, **common))
                 log.info("loaded %d training samples from %s", len(self._train), self.root)
         if self._val is None and hp.val_root and stage in (None, "fit", "validate"):
-            root = Path(hp.val_root)
-            urls, counts = self._urls(root)
-            self._val = _InMemory(read_all(urls, resolution=hp.resolution, seed=hp.seed, handler=self.handler,
-                                           expected_counts=counts))
+            data = self._read(Path(hp.val_root))
+            self._val = _InMemory(read_all(data["urls"], resolution=self.resolution, token_shape=data["token_shape"],
+                                           resize=hp.resize, seed=hp.seed, handler=self.handler,
+                                           expected_counts=data["expected_counts"], **data["latents"]))
 
     def train_dataloader(self) -> DataLoader:
         hp = self.hparams
         if hp.streaming:
+            self.seeds.start = self._consumed  # a resumed stream draws new batches, not the first ones again
             return DataLoader(self._train, batch_size=hp.batch_size, num_workers=hp.num_workers,
-                              persistent_workers=hp.num_workers > 0, drop_last=True)
+                              persistent_workers=hp.num_workers > 0, drop_last=True, pin_memory=hp.pin_memory)
         # Our own sampler, also with one process: the same (seed, epoch) permutation split r::world, so a run
         # on N processes sees the same global batches as one process with an N times larger batch.
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        sampler = DistributedSampler(self._train, num_replicas=world, rank=rank, shuffle=hp.shuffle, seed=hp.seed,
-                                     drop_last=True)
-        return DataLoader(self._train, batch_size=hp.batch_size, sampler=sampler, drop_last=True, num_workers=0)
+        skip = (self._epoch, self._in_epoch * hp.batch_size) if self._in_epoch else None
+        sampler = ResumableSampler(self._train, skip=skip, num_replicas=world, rank=rank, shuffle=hp.shuffle,
+                                   seed=hp.seed, drop_last=True)
+        return DataLoader(self._train, batch_size=hp.batch_size, sampler=sampler, drop_last=True, num_workers=0,
+                          pin_memory=hp.pin_memory)
 
     def val_dataloader(self):
         if self._val is None:
             return []
         return DataLoader(self._val, batch_size=self.hparams.batch_size, shuffle=False, num_workers=0)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            if trainer.current_epoch != self._epoch:
+                self._epoch, self._in_epoch = trainer.current_epoch, 0
+            self._in_epoch += 1
+            self._consumed += 1
+            if self.hparams.streaming:
+                self.seeds.start = self._consumed  # non-persistent workers pick it up at their next epoch
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed_batches": self._consumed, "epoch": self._epoch, "batches_in_epoch": self._in_epoch}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._consumed = int(state.get("consumed_batches", 0))
+        self._epoch = int(state.get("epoch", 0))
+        self._in_epoch = int(state.get("batches_in_epoch", 0))
 
     @property
     def skipped(self) -> int:

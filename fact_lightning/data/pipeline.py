@@ -1,12 +1,13 @@
-"""Reading ``fact-data build`` shards for training: manifest checks and webdataset stages.
+"""Reading ``fact-data build`` shards for training: webdataset stages (the files and the manifest: ``shards.py``).
 
-Stage order (as open_clip's ``data.py``): shard list (resampled with a deterministic per-rank/worker seed,
-or a fixed list split by node then by worker) -> tar reading with a skip-and-count handler -> group
-shuffle buffer -> decode -> identity groups expanded into (target, paired reference, shuffled reference)
-samples -> sample shuffle buffer -> tensors. Every stage is a picklable generator or callable, so
-DataLoader workers can run them.
+Stage order (as open_clip's ``data.py``): shard list (resampled, or a fixed list split by node then by
+worker) -> tar reading with a bounded skip-and-count handler -> group shuffle buffer -> decode -> identity
+groups expanded into (target, paired reference, shuffled reference) samples -> sample shuffle buffer ->
+checked tensors. Every stage is a picklable generator or callable, so DataLoader workers can run them.
+Every random choice (shard draw, both shuffle buffers, the partner) is seeded from (seed, start, epoch,
+rank, worker): ranks and workers draw different orders, and the same rank draws the same order again.
 
-A training sample (the dict that ``to_tensors`` returns, batched by the default collate):
+A training sample (the dict that ``ToTensors`` returns, batched by the default collate):
     key               str, ``{group key}/{image index:02d}``
     pixels            (3, R, R) float32 in [-1, 1]: the training crop
     mask              (1, R, R) float32 in [0, 1]: its face mask
@@ -15,96 +16,139 @@ A training sample (the dict that ``to_tensors`` returns, batched by the default 
     shuffled_tokens   (N, D) float32: tokens of another image of the same identity (its own if none)
     shuffle_available bool: whether the identity has another image
     caption           str
+    latent_mean       (C, R/8, R/8) float32: the VAE latent mean of the crop, when the shards cache latents
+    latent_std        (C, R/8, R/8) float32: its std (the model then skips the VAE)
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import random
-from dataclasses import dataclass
-from pathlib import Path
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import torch
 
+from ..errors import UserError
 from . import schema
+from .shards import ManifestError
 
 log = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = (schema.CROP, schema.MASK, schema.FACE, schema.TOKENS)
+_NAMED = re.compile(r"([^\s'\"<>=]+\.tar)\b")
 
 
-class ManifestError(ValueError):
-    """The dataset's manifest does not exist or does not match what the model expects."""
+class DataError(UserError):
+    """Training data that cannot be read: too many consecutive failures (unreadable or deleted shards)."""
 
 
-def read_manifest(root: str | Path) -> dict:
-    path = Path(root) / schema.MANIFEST_NAME
-    if not path.is_file():
-        raise ManifestError(
-            f"{path} not found: a dataset folder needs the manifest.json that `fact-data build` writes last "
-            "(an unfinished build has none)"
-        )
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ManifestError(f"{path} is not valid JSON: {err}") from err
+def _source_of(exn: BaseException) -> str:
+    """The shard an error came from, as webdataset's stages or ours attach it to the exception's args."""
+    for arg in (getattr(exn, "url", None), *reversed(getattr(exn, "args", ()))):
+        for text in (arg, getattr(arg, "name", None)):
+            if isinstance(text, str) and (match := _NAMED.search(text)):
+                return match.group(1)
+    return "an unknown shard"
 
 
-def check_manifest(manifest: dict, *, token_dim: int | None = None, encoder: str | None = None, source: str = "") -> None:
-    """Raises :class:`ManifestError` naming every mismatch between the shards and the model's expectations.
-
-    token_dim: the projection's input width (``ResamplerConfig.token_dim``); encoder: the expected
-    ``manifest["encoder"]["variant"]`` (e.g. ``"S"`` for TransFace-S), or None to accept any.
-    """
-    where = f" in {source}" if source else ""
-    problems = []
-    version = manifest.get("format_version")
-    if version != schema.FORMAT_VERSION:
-        problems.append(f"format_version is {version!r}, this reader expects {schema.FORMAT_VERSION}")
-    enc = manifest.get("encoder") or {}
-    if encoder is not None and enc.get("variant") != encoder:
-        problems.append(f"encoder variant is {enc.get('variant')!r}, the config expects {encoder!r}")
-    shape = enc.get("token_shape")
-    if token_dim is not None and (not shape or shape[-1] != token_dim):
-        problems.append(f"token shape is {shape}, the projection expects tokens of width {token_dim}")
-    if not manifest.get("shards"):
-        problems.append("the manifest lists no shards")
-    if problems:
-        raise ManifestError(f"dataset manifest{where} does not match: " + "; ".join(problems))
-    if enc.get("random"):
-        log.warning("the shards%s were encoded with a random-weight face encoder: fine for tests, useless for real training", where)
-
-
-def shard_urls(root: str | Path, manifest: dict) -> list[str]:
-    """Paths of the shards the manifest lists, checked to exist."""
-    root = Path(root)
-    urls = [str(root / s["name"]) for s in manifest["shards"]]
-    missing = [u for u in urls if not Path(u).is_file()]
-    if missing:
-        raise ManifestError(f"{len(missing)} shard(s) listed in {root / schema.MANIFEST_NAME} are missing, e.g. {missing[0]}")
-    return urls
+def _message(exn: BaseException) -> str:
+    if not exn.args and exn.__cause__ is not None:  # webdataset's DecodingError: the field and its cause
+        where = " ".join(str(x) for x in (getattr(exn, "key", None), getattr(exn, "k", None)) if x)
+        return f"{where}: {type(exn.__cause__).__name__}: {exn.__cause__}"
+    return f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}".split(" @ ")[0]
 
 
 class SkipAndCount:
-    """A webdataset error handler that skips the bad sample or shard, counts it and warns naming its source.
+    """A webdataset error handler: skips the bad sample or shard, counts it and warns naming its source.
 
-    Picklable: each DataLoader worker counts in its own copy (``to_tensors`` reports that count per sample).
+    ``max_consecutive`` failures in a row (no good sample between them: every shard unreadable or deleted)
+    raise :class:`DataError` instead of retrying forever. Warnings: the first ``warn_first``, then at most
+    one every ``warn_every_s`` seconds with the count since. Memory stays bounded (the last few sources).
+    Picklable: each DataLoader worker counts in its own copy (``ToTensors`` reports that count per sample).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_consecutive: int = 100, warn_first: int = 5, warn_every_s: float = 60.0) -> None:
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive_errors must be >= 1, got {max_consecutive}")
+        self.max_consecutive = max_consecutive
+        self.warn_first = warn_first
+        self.warn_every_s = warn_every_s
         self.count = 0
-        self.sources: list[str] = []
+        self.consecutive = 0
+        self.sources: deque[str] = deque(maxlen=16)
+        self._last_warning = float("-inf")
+        self._unreported = 0
 
     def __call__(self, exn: BaseException) -> bool:
+        if isinstance(exn, ManifestError):  # shards that do not fit the manifest: no skipping fixes that
+            raise exn
         self.count += 1
-        source = next((str(a) for a in reversed(getattr(exn, "args", ())) if isinstance(a, str) and ".tar" in a), "?")
+        self.consecutive += 1
+        source = _source_of(exn)
         self.sources.append(source)
-        log.warning("skipping unreadable data from %s (%s: %s); %d skipped so far in this reader",
-                    source, type(exn).__name__, exn.args[0] if exn.args else "", self.count)
+        message = _message(exn)
+        if self.consecutive >= self.max_consecutive:
+            raise DataError(f"{self.consecutive} consecutive data errors, the last from {source} ({message}); "
+                            "are the shards readable? (max_consecutive_errors)") from None
+        self._unreported += 1
+        now = time.monotonic()
+        if self.count <= self.warn_first or now - self._last_warning >= self.warn_every_s:
+            log.warning("skipping unreadable data from %s (%s); %d skipped in this reader (%d since the last warning)",
+                        source, message, self.count, self._unreported)
+            self._last_warning, self._unreported = now, 0
         return True
+
+    def ok(self) -> None:
+        """A good sample went through: the failures so far were not consecutive."""
+        self.consecutive = 0
+
+
+@dataclass
+class StreamSeed:
+    """Seeds every random stage from (seed, start, epoch, rank, worker); rank and worker as webdataset reads
+    them (``RANK``/``WORLD_SIZE`` or torch.distributed, and the DataLoader worker).
+
+    ``start``: batches this rank consumed before the stream began (set on resume, so a resumed run draws a
+    new order instead of replaying the first one).
+    """
+
+    seed: int = 0
+    start: int = 0
+
+    def rng(self, epoch: int, salt: int) -> random.Random:
+        from webdataset.utils import make_seed, pytorch_worker_info
+
+        rank, _, worker, _ = pytorch_worker_info()
+        return random.Random(make_seed(self.seed, self.start, epoch, rank, worker, salt))
+
+    def worker_seed(self) -> int:
+        """For ``wds.ResampledShards``, which mixes in its own epoch and seed."""
+        from webdataset.utils import make_seed, pytorch_worker_info
+
+        rank, _, worker, _ = pytorch_worker_info()
+        return make_seed(self.start, rank, worker)
+
+
+@dataclass
+class SeededShuffle:
+    """Stage: webdataset's shuffle buffer with an rng from :class:`StreamSeed`, new each epoch."""
+
+    bufsize: int
+    initial: int
+    seeds: StreamSeed
+    salt: int
+    epoch: int = -1
+
+    def __call__(self, src: Iterable[dict]) -> Iterator[dict]:
+        import webdataset as wds
+
+        self.epoch += 1
+        return wds.shuffle(self.bufsize, self.initial, rng=self.seeds.rng(self.epoch, self.salt))(src)
 
 
 @dataclass
@@ -138,10 +182,12 @@ class ExpandGroups:
     """Stage: one decoded identity group -> one sample per image, each with a shuffled same-identity partner."""
 
     handler: SkipAndCount
-    seed: int = 0
+    seeds: StreamSeed = field(default_factory=StreamSeed)
+    epoch: int = -1
 
     def __call__(self, groups: Iterable[dict]) -> Iterator[dict]:
-        rng = random.Random(self.seed)
+        self.epoch += 1
+        rng = self.seeds.rng(self.epoch, salt=2)
         for group in groups:
             try:
                 images = _complete_images(group)
@@ -155,6 +201,7 @@ class ExpandGroups:
                 key = f"{group['__key__']}/{i:02d}"
                 yield {
                     "__key__": key,
+                    "__url__": group.get("__url__"),
                     "key": key,
                     "image": image,
                     "partner_tokens": partner[schema.TOKENS],
@@ -175,69 +222,141 @@ def _complete_images(group: dict) -> list[dict]:
 
 @dataclass
 class ToTensors:
-    """Stage: an expanded sample (PIL images, numpy tokens) -> the training dict described in the module doc."""
+    """Stage: an expanded sample (PIL images, numpy tokens) -> the training dict described in the module doc,
+    after checking it against the manifest (crop size, mask size, face size, token shape): a sample that
+    does not fit raises ValueError, which the handler skips and counts, so it never reaches collation.
+
+    resize: crops of another size than ``resolution`` are resized (else they are rejected).
+    latent_shape: the (2, C, h, w) of the shards' cached latents (``manifest["vae"]``), or None when the
+        manifest names none; an image with latents of another shape, or with latents where the manifest
+        names none, or without where it names some, raises :class:`ManifestError` naming the shard (not
+        skipped: a dataset mixes images with and without latents).
+    ignore_latents: leave cached latents out of the samples (the model then encodes the crops itself).
+    """
 
     resolution: int
+    token_shape: tuple[int, int] | None = None
+    resize: bool = False
     handler: SkipAndCount | None = None
+    latent_shape: tuple[int, int, int, int] | None = None
+    ignore_latents: bool = False
 
     def __call__(self, sample: dict) -> dict:
         from PIL import Image
 
+        try:
+            return self._tensors(sample, Image)
+        except ManifestError as err:
+            shard = str(sample.get("__url__") or "?").rsplit("/", 1)[-1]
+            raise ManifestError(f"{shard}: image {sample.get('key')} {err}") from None
+        except (ValueError, TypeError, OSError) as err:  # name the shard for the handler
+            err.args = (f"{sample.get('key')}: {err.args[0] if err.args else err}", str(sample.get("__url__")))
+            raise
+
+    def _tensors(self, sample: dict, Image) -> dict:
         image = sample["image"]
-        crop = image[schema.CROP].convert("RGB")
-        mask = image[schema.MASK].convert("L")
-        if crop.size != (self.resolution, self.resolution):
-            crop = crop.resize((self.resolution, self.resolution), Image.Resampling.BICUBIC)
-            mask = mask.resize((self.resolution, self.resolution), Image.Resampling.BILINEAR)
+        crop, mask, face = image[schema.CROP], image[schema.MASK], image[schema.FACE]
+        if not all(isinstance(x, Image.Image) for x in (crop, mask, face)):
+            raise ValueError("crop, mask and face must decode as images")
+        crop, mask = crop.convert("RGB"), mask.convert("L")
+        if crop.size != mask.size:
+            raise ValueError(f"mask {mask.size} differs from crop {crop.size}")
+        if face.size != (schema.FACE_SIZE, schema.FACE_SIZE):
+            raise ValueError(f"face {face.size}, expected {schema.FACE_SIZE}x{schema.FACE_SIZE}")
+        side = (self.resolution, self.resolution)
+        if crop.size != side:
+            if not self.resize:
+                raise ValueError(f"crop {crop.size}, expected {side} (resize is off)")
+            crop = crop.resize(side, Image.Resampling.BICUBIC)
+            mask = mask.resize(side, Image.Resampling.BILINEAR)
+        tokens, partner = (np.asarray(t) for t in (image[schema.TOKENS], sample["partner_tokens"]))
+        for name, t in (("tokens", tokens), ("partner tokens", partner)):
+            if t.ndim != 2 or (self.token_shape is not None and tuple(t.shape) != tuple(self.token_shape)):
+                raise ValueError(f"{name} {list(t.shape)}, expected {list(self.token_shape or ('N', 'D'))}")
         meta = image.get(schema.META) or {}
-        return {
+        latents = {} if self.ignore_latents else self._latents(image.get(schema.LATENT), crop.size)
+        return {**latents,
             "key": sample["key"],
             "pixels": torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0,
             "mask": torch.from_numpy(np.asarray(mask, dtype=np.float32))[None] / 255.0,
-            "face": torch.from_numpy(np.asarray(image[schema.FACE].convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 255.0,
-            "tokens": torch.from_numpy(np.asarray(image[schema.TOKENS], dtype=np.float32)),
-            "shuffled_tokens": torch.from_numpy(np.asarray(sample["partner_tokens"], dtype=np.float32)),
+            "face": torch.from_numpy(np.asarray(face.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 255.0,
+            "tokens": torch.from_numpy(tokens.astype(np.float32)),
+            "shuffled_tokens": torch.from_numpy(partner.astype(np.float32)),
             "shuffle_available": torch.tensor(sample["shuffle_available"]),
-            "caption": str(meta.get("caption") or ""),
+            "caption": str(meta.get("caption") or "") if isinstance(meta, dict) else "",
             "data_errors": torch.tensor(self.handler.count if self.handler else 0),
         }
+
+    def _latents(self, latent, crop_size: tuple[int, int]) -> dict:
+        if self.latent_shape is None:
+            if latent is not None:
+                raise ManifestError(f"has cached latents ({schema.LATENT}) but the manifest names no VAE")
+            return {}
+        if latent is None:
+            raise ManifestError(f"has no cached latents ({schema.LATENT}) but the manifest names a VAE")
+        latent = np.asarray(latent)
+        if tuple(latent.shape) != tuple(self.latent_shape):
+            raise ManifestError(f"latents {list(latent.shape)}, the manifest says {list(self.latent_shape)}")
+        if crop_size != tuple(s * schema.LATENT_DOWNSAMPLE for s in latent.shape[:1:-1]):
+            raise ManifestError(f"latents {list(latent.shape)} do not fit the crop {crop_size}")
+        latent = torch.from_numpy(latent.astype(np.float32))
+        return {"latent_mean": latent[0], "latent_std": latent[1]}
+
+
+@dataclass
+class MarkGood:
+    """Stage: every sample that comes out resets the handler's consecutive-failure count."""
+
+    handler: SkipAndCount
+
+    def __call__(self, samples: Iterable[dict]) -> Iterator[dict]:
+        for sample in samples:
+            self.handler.ok()
+            yield sample
 
 
 def build_pipeline(
     urls: list[str],
     *,
     resolution: int,
+    token_shape: tuple[int, int] | None = None,
+    resize: bool = False,
     resampled: bool = True,
     shuffle_groups: int = 100,
     shuffle_samples: int = 200,
-    seed: int = 0,
+    seed: int | StreamSeed = 0,
     handler: SkipAndCount | None = None,
     epoch_samples: int | None = None,
     split: bool = True,
     expected_counts: dict[str, int] | None = None,
+    latent_shape: tuple[int, int, int, int] | None = None,
+    ignore_latents: bool = False,
 ):
     """The training ``wds.DataPipeline``: an IterableDataset of sample dicts (infinite when ``resampled``).
 
-    ``resampled`` draws shards with replacement from a seed that is deterministic per (seed, epoch, rank,
-    worker), as multi-GPU training needs (no rank runs out first). Otherwise the shard list is split by
-    node and then by worker (each rank needs at least one shard per worker). ``epoch_samples`` makes each
-    worker's epoch finite.
+    ``resampled`` draws shards with replacement, seeded per (seed, start, epoch, rank, worker), as
+    multi-GPU training needs (no rank runs out first). Otherwise the shard list is split by node and then
+    by worker (each rank needs at least one shard per worker). ``epoch_samples`` makes each worker's epoch
+    finite.
     """
     import webdataset as wds
 
+    seeds = seed if isinstance(seed, StreamSeed) else StreamSeed(seed)
     handler = handler or SkipAndCount()
     if resampled:
-        stages: list[Any] = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+        stages: list[Any] = [wds.ResampledShards(urls, seed=seeds.seed, worker_seed=seeds.worker_seed,
+                                                 deterministic=True)]
     else:
         stages = [wds.SimpleShardList(urls)] + ([wds.split_by_node, wds.split_by_worker] if split else [])
     stages += [
         wds.tarfile_to_samples(handler=handler),
         CheckShardCounts(expected_counts or {}, handler),
-        wds.shuffle(shuffle_groups, initial=min(shuffle_groups, 10), seed=seed) if shuffle_groups > 1 else _identity,
+        SeededShuffle(shuffle_groups, min(shuffle_groups, 10), seeds, salt=1) if shuffle_groups > 1 else _identity,
         wds.decode("pil", handler=handler),
-        ExpandGroups(handler, seed),
-        wds.shuffle(shuffle_samples, initial=min(shuffle_samples, 20), seed=seed) if shuffle_samples > 1 else _identity,
-        wds.map(ToTensors(resolution, handler), handler=handler),
+        ExpandGroups(handler, seeds),
+        SeededShuffle(shuffle_samples, min(shuffle_samples, 20), seeds, salt=3) if shuffle_samples > 1 else _identity,
+        wds.map(ToTensors(resolution, token_shape, resize, handler, latent_shape, ignore_latents), handler=handler),
+        MarkGood(handler),
     ]
     pipeline = wds.DataPipeline(*stages)
     return pipeline.with_epoch(epoch_samples) if epoch_samples else pipeline
@@ -247,13 +366,12 @@ def _identity(src):
     yield from src
 
 
-def read_all(urls: list[str], *, resolution: int, seed: int = 0, handler: SkipAndCount | None = None,
-             expected_counts: dict[str, int] | None = None) -> list[dict]:
+def read_all(urls: list[str], *, resolution: int, token_shape: tuple[int, int] | None = None, resize: bool = False,
+             seed: int = 0, handler: SkipAndCount | None = None,
+             expected_counts: dict[str, int] | None = None, latent_shape: tuple[int, int, int, int] | None = None,
+             ignore_latents: bool = False) -> list[dict]:
     """Every sample of ``urls`` in shard order, decoded in memory (small sets: validation, tests, demos)."""
-    return list(build_pipeline(urls, resolution=resolution, resampled=False, shuffle_groups=0, shuffle_samples=0,
-                               seed=seed, handler=handler, split=False, expected_counts=expected_counts))
-
-
-def expected_counts(root: str | Path, manifest: dict) -> dict[str, int]:
-    """{shard path: number of groups} from the manifest's shard list."""
-    return {str(Path(root) / s["name"]): int(s["samples"]) for s in manifest["shards"] if "samples" in s}
+    return list(build_pipeline(urls, resolution=resolution, token_shape=token_shape, resize=resize, resampled=False,
+                               shuffle_groups=0, shuffle_samples=0, seed=seed, handler=handler, split=False,
+                               expected_counts=expected_counts, latent_shape=latent_shape,
+                               ignore_latents=ignore_latents))

@@ -1,18 +1,16 @@
-"""The shard format shared by ``fact-data build`` (writer) and the training data pipeline (reader).
+"""The fields of a shard sample, shared by ``fact-data build`` (writer) and the training data pipeline (reader).
 
-A dataset directory holds::
-
-    shard-000000.tar ...        webdataset tar shards, one sample per identity group
-    shard-000000.stats.json ... per-shard stats, written after the tar is complete (the resume marker)
-    manifest.json               written last: options, encoder, counts, shard list (keys below)
-    rejects.jsonl               one line per input that did not make it, with its reason
-
+The files of a dataset folder, the group-sample layout and its reading and writing live in :mod:`shards`.
 Each webdataset sample is one *identity group*: up to ``max_per_group`` images of one person. Its key is
 ``{shard:06d}_{group:04d}`` and it holds ``group.json`` plus, for image ``i`` (two digits), the fields
-``{i:02d}.crop.jpg``, ``{i:02d}.mask.png``, ``{i:02d}.face.png``, ``{i:02d}.tokens.npy``, ``{i:02d}.meta.json``.
+``{i:02d}.crop.jpg``, ``{i:02d}.mask.png``, ``{i:02d}.face.png``, ``{i:02d}.tokens.npy``, ``{i:02d}.meta.json``,
+and, in a dataset made with a VAE, ``{i:02d}.latent.npy``.
 The extensions are the last dot component, so webdataset's stock decoders apply (``.decode("pil")``).
 
-Bump :data:`FORMAT_VERSION` on any change that a reader could notice.
+Bump :data:`FORMAT_VERSION` on any change that a reader could notice. The optional ``latent.npy`` did not
+bump it: a reader of version 1 that predates it ignores the extra member and encodes the crop itself, which
+gives the same training batches (up to float16 rounding), and a dataset either has it in every image (the
+manifest then names the VAE: ``manifest["vae"]``) or in none.
 """
 
 from __future__ import annotations
@@ -28,12 +26,18 @@ MASK = "mask.png"      # face mask M of the crop: 8-bit L PNG, 255 = face, 0 = e
 FACE = "face.png"      # reference face: RGB PNG 112x112, ArcFace-aligned, 0 (black) outside the head mask
 TOKENS = "tokens.npy"  # TransFace final-norm tokens of FACE: float16 array (144, D)
 META = "meta.json"     # dict with the META_KEYS below
-IMAGE_FIELDS = (CROP, MASK, FACE, TOKENS, META)
+IMAGE_FIELDS = (CROP, MASK, FACE, TOKENS, META)  # every image has these
+# Optional, in every image or in none: the SD VAE's latent distribution of the decoded CROP (pixels / 127.5 - 1),
+# float16 array (2, C, R/8, R/8): [0] the mean, [1] the std of ``vae.encode(x).latent_dist``, as the VAE gives
+# them (the scaling factor is NOT applied). manifest["vae"] names the VAE.
+LATENT = "latent.npy"
 
 # --- per-group field ------------------------------------------------------------------------------------
 GROUP = "group.json"   # {"format_version", "identity", "group_index", "num_images", "sources"}
 
 TOKENS_DTYPE = "float16"
+LATENT_DTYPE = "float16"
+LATENT_DOWNSAMPLE = 8  # SD VAEs: latents are R/8 x R/8 for an R x R crop
 FACE_SIZE = 112
 # ArcFace 5-point template for 112x112 faces; landmark order everywhere in the format.
 LANDMARK_ORDER = ("left_eye", "right_eye", "nose", "left_mouth", "right_mouth")  # image left / right
@@ -59,16 +63,16 @@ META_KEYS = (
 # manifest.json keys.
 MANIFEST_KEYS = (
     "format_version", "tool", "options", "encoder", "detector", "counts", "identities", "shards",
-    "rejects_by_reason", "warnings",
+    "rejects_by_reason", "warnings", "vae",
 )
 # manifest["encoder"]: {"variant", "config", "weights", "weights_sha256", "random", "token_shape", "token_dtype"}
 # manifest["counts"]: {"found", "accepted", "rejected", "samples", "images"}
 # manifest["shards"]: [{"name", "samples", "images", "sha256"}]
-
-SHARD_PATTERN = "shard-{index:06d}.tar"
-STATS_SUFFIX = ".stats.json"
-MANIFEST_NAME = "manifest.json"
-REJECTS_NAME = "rejects.jsonl"
+# manifest["vae"]: null (no cached latents), or {"name", "source", "subfolder", "revision", "seed", "weights_sha256",
+#   "scaling_factor", "latent_shape", "latent_dtype"}: "name" is what training compares with its model's VAE
+#   ("tiny(seed=0)", or the base model's folder or hub id [+ "@revision"]); "weights_sha256" hashes the loaded
+#   state dict; "scaling_factor" is the VAE's, recorded and not applied; every shard's stats hold the same "vae".
+# manifest["options"]["record"]["resolution"]: the side of the square crops
 
 _FIELD_RE = re.compile(r"^(\d{2})\.(.+)$")
 

@@ -9,29 +9,45 @@ adapter) and FID (adapter images vs base images, CLIP features by default: see `
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+
+from fact_lightning.commands.console import native_noise_filtered, out_console, progress, setup_logging
+from fact_lightning.commands.options import SamplingOptions, WeightOptions, command, help_text
+from fact_lightning.errors import guarded
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+EVAL = "Evaluation"
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from fact_lightning.inference.cli import add_model_arguments, add_sampling_arguments
+@dataclasses.dataclass(kw_only=True)
+class EvaluateOptions:
+    """The identities to evaluate, the scoring models and where the report goes."""
 
-    parser = argparse.ArgumentParser(prog="python -m fact_lightning.evaluation", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--identities", required=True, help="folder of <identity>/<photo> reference photos")
-    parser.add_argument("--max-identities", type=int, help="use the first N identities (sorted)")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--clip", help="CLIP folder or hub id (e.g. openai/clip-vit-large-patch14); --tiny: random")
-    parser.add_argument("--face-model", default="transface", choices=("transface", "dlib"))
-    add_model_arguments(parser)
-    add_sampling_arguments(parser)
-    return parser
+    identities: Annotated[Path, typer.Option(
+        metavar="DIR", rich_help_panel=EVAL, help="Folder of <identity>/<photo> reference photos.")]
+    out: Annotated[Path, typer.Option(metavar="DIR", rich_help_panel=EVAL, help="Output folder.")]
+    max_identities: Annotated[Optional[int], typer.Option(
+        metavar="N", rich_help_panel=EVAL, help="Use the first N identities (sorted).")] = None
+    clip: Annotated[Optional[str], typer.Option(
+        metavar="DIR|HUB_ID", rich_help_panel=EVAL,
+        help="CLIP folder or hub id (e.g. openai/clip-vit-large-patch14); --tiny: random.")] = None
+    face_model: Annotated[Literal["transface", "dlib"], typer.Option(
+        metavar="NAME", rich_help_panel=EVAL,
+        help="Face-similarity model: transface (--face-encoder) or dlib (offline).")] = "transface"
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="Debug logging.")] = False
+
+    def __post_init__(self) -> None:
+        if self.max_identities is not None and self.max_identities < 1:
+            raise ValueError(f"--max-identities must be at least 1, got {self.max_identities}")
 
 
 def identity_photos(root: str | Path, limit: int | None = None) -> dict[str, list[Path]]:
@@ -48,99 +64,143 @@ def identity_photos(root: str | Path, limit: int | None = None) -> dict[str, lis
     return dict(list(found.items())[:limit]) if limit else found
 
 
-def run(args: argparse.Namespace) -> dict:
+def _identity_faces(name: str, paths: list[Path], detector) -> tuple[list, list]:
+    """(photos, aligned faces) of the photos fact-data would accept; refused ones are named and skipped."""
+    from fact_lightning.faces.reference import NoFaceError, prepare_reference
+    from fact_lightning.inference.outputs import read_image
+
+    photos, faces = [], []
+    for path in paths:
+        try:
+            photo = read_image(path, "reference photo")
+            faces.append(prepare_reference(photo, detector).face)
+            photos.append(photo)
+        except (NoFaceError, ValueError, OSError) as err:
+            log.warning("identity %s: skipping %s: %s", name, path.name, err)
+    return photos, faces
+
+
+def evaluate(opts: EvaluateOptions, weights: WeightOptions, sampling: SamplingOptions) -> dict:
+    """The command's work (also callable from Python). Returns the report written to metrics.json."""
     import numpy as np
     from torch.utils.tensorboard import SummaryWriter
 
-    from fact_lightning.faces.reference import NoFaceError
-    from fact_lightning.inference.cli import prompts_from_args, read_rgb, sources_from_args
-    from fact_lightning.inference.loading import load_generator
-
+    from fact_lightning.inference.generator import DEFAULT_GUIDANCE
+    from fact_lightning.inference.loading import load_detector, load_generator
+    from fact_lightning.inference.outputs import OutputFolder
+    from fact_lightning.models.base import MissingWeightsError
     from fact_lightning.tiny import tiny_clip
 
     from .clip import ClipScorer, clip_i, clip_t
     from .metrics import DlibFaceEmbedder, TransFaceEmbedder, face_similarity, fid
 
-    if not args.clip and not args.tiny:
-        from fact_lightning.models.base import MissingWeightsError
-
+    if not opts.clip and not weights.tiny:
         raise MissingWeightsError("no CLIP model given: pass --clip (a local CLIP folder or hub id)")
-    identities = identity_photos(args.identities, args.max_identities)
-    prompts = prompts_from_args(args)
-    seeds = args.seed or [0]
-    sources = sources_from_args(args, "txt2img")
-    generator = load_generator(sources)
-    scorer = ClipScorer.from_pretrained(args.clip, local_files_only=args.local_files_only) if args.clip else tiny_clip()
-    face_model = DlibFaceEmbedder(generator.detector) if args.face_model == "dlib" \
-        else TransFaceEmbedder(generator.face_encoder, generator.detector)
+    sources = weights.sources("txt2img")
+    prompts = sampling.prompt_list()
+    seeds = sampling.seeds
+    output = OutputFolder(opts.out)
+    identities = identity_photos(opts.identities, opts.max_identities)
+    with native_noise_filtered():
+        detector = load_detector(sources)
+        references = {name: _identity_faces(name, paths, detector) for name, paths in identities.items()}
+    references = {name: ref for name, ref in references.items() if ref[1]}
+    if not references:
+        raise ValueError(f"no identity in {opts.identities} has a usable reference photo")
+    generator = load_generator(sources, detector)
+    scorer = ClipScorer.from_pretrained(opts.clip, local_files_only=weights.local_files_only) if opts.clip \
+        else tiny_clip()
+    face_model = DlibFaceEmbedder(detector) if opts.face_model == "dlib" \
+        else TransFaceEmbedder(generator.face_encoder, detector)
+    guidance = DEFAULT_GUIDANCE if sampling.guidance_scale is None else sampling.guidance_scale
+    common = {**sampling.generate_kwargs(guidance), "num_images": 1}
+    common.pop("adapter_scale")
 
-    out = Path(args.out)
     per_identity, all_adapter, all_base, all_prompts = {}, [], [], []
-    for name, paths in identities.items():
-        photos = [read_rgb(p) for p in paths]
-        try:
-            identity = generator.encode_references(photos)
-        except NoFaceError as err:
-            log.warning("skipping identity %s: %s", name, err)
-            continue
-        (out / "images" / name).mkdir(parents=True, exist_ok=True)
-        adapter_imgs, base_imgs, used_prompts = [], [], []
-        for p, prompt in enumerate(prompts):
-            for seed in seeds:
-                common = dict(negative_prompt=args.negative_prompt or None, guidance_scale=args.guidance_scale,
-                              num_inference_steps=args.steps, seed=seed, height=args.height, width=args.width)
-                with_adapter = generator(prompt, identity, scale=args.scale, **common)[0]
-                without = generator(prompt, identity, scale=0.0, **common)[0]
-                with_adapter.save(out / "images" / name / f"p{p:03d}_s{seed}.png")
-                without.save(out / "images" / name / f"p{p:03d}_s{seed}_base.png")
-                adapter_imgs.append(np.asarray(with_adapter))
-                base_imgs.append(np.asarray(without))
-                used_prompts.append(prompt)
-        scores = {"clip_t": clip_t(scorer, adapter_imgs, used_prompts),
-                  "clip_i": float(np.mean([clip_i(scorer, adapter_imgs, [ref] * len(adapter_imgs)) for ref in photos])),
-                  "clip_style": clip_i(scorer, adapter_imgs, base_imgs)}
-        scores.update(face_similarity(face_model, adapter_imgs, photos))
-        per_identity[name] = scores
-        all_adapter += adapter_imgs
-        all_base += base_imgs
-        all_prompts += used_prompts
-    if not per_identity:
-        raise ValueError("no identity had a usable reference photo")
+    with output, progress() as bar:
+        task = bar.add_task("image pairs", total=len(references) * len(prompts) * len(seeds))
+        for name, (photos, faces) in references.items():
+            identity = generator.encode_references(faces, aligned=True)
+            adapter_imgs, base_imgs, used_prompts = [], [], []
+            for p, prompt in enumerate(prompts):
+                for seed in seeds:
+                    with_adapter = generator(prompt, identity, adapter_scale=sampling.adapter_scale, seed=seed,
+                                             **common)[0]
+                    without = generator(prompt, identity, adapter_scale=0.0, seed=seed, **common)[0]
+                    with_adapter.save(output.path(f"images/{name}/p{p:03d}_s{seed}.png"))
+                    without.save(output.path(f"images/{name}/p{p:03d}_s{seed}_base.png"))
+                    adapter_imgs.append(np.asarray(with_adapter))
+                    base_imgs.append(np.asarray(without))
+                    used_prompts.append(prompt)
+                    bar.advance(task)
+            scores = {"clip_t": clip_t(scorer, adapter_imgs, used_prompts),
+                      "clip_i": float(np.mean([clip_i(scorer, adapter_imgs, [ref] * len(adapter_imgs))
+                                               for ref in photos])),
+                      "clip_style": clip_i(scorer, adapter_imgs, base_imgs)}
+            scores.update(face_similarity(face_model, adapter_imgs, photos))
+            per_identity[name] = scores
+            all_adapter += adapter_imgs
+            all_base += base_imgs
+            all_prompts += used_prompts
 
-    clip_t_adapter = clip_t(scorer, all_adapter, all_prompts)
-    clip_t_base = clip_t(scorer, all_base, all_prompts)
-    face_sims = [s["face_sim"] for s in per_identity.values() if s["face_sim"] is not None]
-    metrics = {
-        "clip_t": clip_t_adapter,
-        "clip_t_base": clip_t_base,
-        "clip_t_drop": clip_t_base - clip_t_adapter,
-        "clip_i": float(np.mean([s["clip_i"] for s in per_identity.values()])),
-        "face_sim": float(np.mean(face_sims)) if face_sims else None,
-        "face_detect_rate": float(np.mean([s["face_detect_rate"] for s in per_identity.values()])),
-        "clip_style": clip_i(scorer, all_adapter, all_base),
-        "fid": fid(all_base, all_adapter, scorer) if len(all_adapter) >= 2 else None,
-    }
-    report = {
-        "metrics": metrics,
-        "per_identity": per_identity,
-        "counts": {"identities": len(per_identity), "prompts": len(prompts), "seeds": len(seeds),
-                   "images": len(all_adapter)},
-        "settings": {"sources": sources.to_dict(), "clip": args.clip or "tiny-random", "face_model": args.face_model,
-                     "fid_features": "clip-image-embedding", "scale": args.scale, "guidance_scale": args.guidance_scale,
-                     "steps": args.steps, "seeds": seeds, "prompts": prompts},
-    }
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    with SummaryWriter(str(out / "tensorboard")) as writer:
-        for key, value in metrics.items():
-            if value is not None:
-                writer.add_scalar(f"eval/{key}", value, 0)
+        clip_t_adapter = clip_t(scorer, all_adapter, all_prompts)
+        clip_t_base = clip_t(scorer, all_base, all_prompts)
+        face_sims = [s["face_sim"] for s in per_identity.values() if s["face_sim"] is not None]
+        metrics = {
+            "clip_t": clip_t_adapter,
+            "clip_t_base": clip_t_base,
+            "clip_t_drop": clip_t_base - clip_t_adapter,
+            "clip_i": float(np.mean([s["clip_i"] for s in per_identity.values()])),
+            "face_sim": float(np.mean(face_sims)) if face_sims else None,
+            "face_detect_rate": float(np.mean([s["face_detect_rate"] for s in per_identity.values()])),
+            "clip_style": clip_i(scorer, all_adapter, all_base),
+            "fid": fid(all_base, all_adapter, scorer) if len(all_adapter) >= 2 else None,
+        }
+        report = {
+            "metrics": metrics,
+            "per_identity": per_identity,
+            "counts": {"identities": len(per_identity), "prompts": len(prompts), "seeds": len(seeds),
+                       "images": len(all_adapter)},
+            "settings": {"sources": sources.to_dict(), "clip": opts.clip or "tiny-random",
+                         "face_model": opts.face_model, "fid_features": "clip-image-embedding",
+                         "adapter_scale": sampling.adapter_scale, "guidance_scale": guidance,
+                         "negative_prompt": sampling.negative_prompt,
+                         "text_only_guidance": sampling.text_only_guidance, "face_delay": sampling.face_delay,
+                         "steps": sampling.steps, "seeds": seeds, "prompts": prompts},
+        }
+        output.write_json("metrics.json", report)
+        with SummaryWriter(str(output.folder("tensorboard"))) as writer:
+            for key, value in metrics.items():
+                if value is not None:
+                    writer.add_scalar(f"eval/{key}", value, 0)
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    from fact_lightning.inference.cli import run_guarded
+HELP = help_text("""
+    Score a FACT adapter like the paper: identities x prompts x seeds, each with the adapter and
+    without it (adapter scale 0, same seed).
 
-    code, report = run_guarded(run, build_parser().parse_args(argv))
-    if code == 0:
-        print(json.dumps(report["metrics"], indent=2))
-    return code
+    Writes OUT/metrics.json (CLIP-T, CLIP-T of the base model and the drop, CLIP-I, face similarity
+    with the detection rate, CLIP style, FID on CLIP features), TensorBoard scalars under
+    OUT/tensorboard and the images under OUT/images. Sampling defaults are the official FACT app's.
+""")
+
+
+@app.command(help=HELP)
+@guarded
+@command
+def evaluate_command(opts: EvaluateOptions, weights: WeightOptions, sampling: SamplingOptions) -> None:
+    import json
+
+    setup_logging(opts.verbose, tiny=weights.tiny)
+    report = evaluate(opts, weights, sampling)
+    out_console.print_json(json.dumps(report["metrics"]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script: runs the command and returns its exit status (2 for a user error)."""
+    try:
+        app(args=argv)
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
+    return 0

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fact_lightning.models.base import MissingWeightsError
+from fact_lightning.models.base import MissingWeightsError, resolve_source
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +42,10 @@ class ClipScorer(torch.nn.Module):
         """e.g. a local copy of ``openai/clip-vit-large-patch14``; MissingWeightsError when unavailable."""
         from transformers import CLIPModel, CLIPProcessor
 
-        local = Path(str(source)).expanduser()
-        if not local.exists() and (str(source).startswith((".", "/", "~")) or str(source).count("/") > 1):
-            raise MissingWeightsError(f"CLIP folder {local} does not exist")
+        location = resolve_source(source, "CLIP folder").location
         try:
-            return cls(CLIPModel.from_pretrained(str(source), local_files_only=local_files_only),
-                       CLIPProcessor.from_pretrained(str(source), local_files_only=local_files_only))
+            return cls(CLIPModel.from_pretrained(location, local_files_only=local_files_only),
+                       CLIPProcessor.from_pretrained(location, local_files_only=local_files_only))
         except (OSError, ValueError) as err:
             raise MissingWeightsError(f"could not load CLIP from {str(source)!r}: {err}") from err
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import default_collate
 
-from .. import losses
+from ..training import losses
 from ..data.datamodule import FactDataModule
 from ..models.resampler import TINY_RESAMPLER
 from ..training.base_spec import TinyBase

@@ -2,18 +2,18 @@
 
 Each identity is a coloured ellipse "face" with a fixed token signature; each of its images puts the face
 at another place and size on another background, so the face mask moves from image to image. Nothing
-here detects faces: use ``fact-data build`` for real photos.
+here detects faces: use ``fact-data build`` for real photos. The files are written by
+:mod:`fact_lightning.data.shards`, the same code as ``fact-data build``, so the format cannot drift.
 """
 
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
 
-from ..data import schema
+from ..data import schema, shards
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -29,12 +29,6 @@ def _jpg(array: np.ndarray) -> bytes:
 
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
 
 
@@ -61,53 +55,49 @@ def write_synthetic_shards(
     encoder: str = "tiny",
     seed: int = 0,
 ) -> dict:
-    """Writes shards, per-shard stats and manifest.json (last) into ``out``; returns the manifest."""
-    import webdataset as wds
-
+    """Writes shards, per-shard stats, rejects.jsonl and manifest.json (last) into ``out``; returns the manifest."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    shards, images_total = [], 0
+    all_stats, images_total = [], 0
     groups = [range(i, min(i + groups_per_shard, identities)) for i in range(0, identities, groups_per_shard)]
     for shard_index, members in enumerate(groups):
-        name = schema.SHARD_PATTERN.format(index=shard_index)
-        with wds.TarWriter(str(out / name), encoder=False) as tar:
+        counts = {}
+        with shards.ShardWriter(out / shards.shard_name(shard_index)) as writer:
             for group_index, identity in enumerate(members):
                 colour = rng.uniform(40, 220, 3)
                 signature = rng.standard_normal((num_tokens, token_dim)).astype(np.float32)
-                sample = {"__key__": f"{shard_index:06d}_{group_index:04d}"}
+                name = f"id{identity}"
+                fields = []
                 for i in range(images_per_identity):
                     image, mask = _image(rng, colour, resolution)
                     tokens = signature + 0.3 * rng.standard_normal(signature.shape).astype(np.float32)
                     face = np.broadcast_to(colour.astype(np.uint8), (schema.FACE_SIZE, schema.FACE_SIZE, 3)).copy()
-                    sample[schema.image_key(i, schema.CROP)] = _jpg(image)
-                    sample[schema.image_key(i, schema.MASK)] = _png(mask)
-                    sample[schema.image_key(i, schema.FACE)] = _png(face)
-                    sample[schema.image_key(i, schema.TOKENS)] = _npy(tokens.astype(np.float16))
-                    sample[schema.image_key(i, schema.META)] = json.dumps(
-                        {"identity": f"id{identity}", "caption": f"a photo of person {identity}", "source": "synthetic"}
-                    ).encode()
-                sample[schema.GROUP] = json.dumps(
-                    {"format_version": schema.FORMAT_VERSION, "identity": f"id{identity}", "group_index": group_index,
-                     "num_images": images_per_identity, "sources": []}
-                ).encode()
-                tar.write(sample)
-        count = len(members)
-        shards.append({"name": name, "samples": count, "images": count * images_per_identity, "sha256": ""})
-        images_total += count * images_per_identity
-        (out / (name + schema.STATS_SUFFIX)).write_text(json.dumps(shards[-1]))
+                    meta = {"identity": name, "caption": f"a photo of person {identity}", "source": f"{name}/{i}"}
+                    fields.append(shards.ImageFields(_jpg(image), _png(mask), _png(face), tokens, meta))
+                writer.write(shards.group_sample(f"{shard_index:06d}_{group_index:04d}", name, 0, fields))
+                counts[name] = {"found": images_per_identity, "accepted": images_per_identity, "groups": 1}
+        n = len(members) * images_per_identity
+        stats = {"format_version": schema.FORMAT_VERSION, "name": shards.shard_name(shard_index), "found": n,
+                 "images": n, "samples": len(members), "identities": counts, "rejects": [],
+                 "sha256": writer.sha256, "tar_bytes": writer.tar_bytes}
+        shards.write_stats(out, shard_index, stats)
+        all_stats.append(stats)
+        images_total += n
     manifest = {
         "format_version": schema.FORMAT_VERSION,
-        "tool": "fact_lightning.experiments.synthetic",
-        "options": {"resolution": resolution, "seed": seed},
-        "encoder": {"variant": encoder, "random": False, "token_shape": [num_tokens, token_dim], "token_dtype": "float16"},
+        "tool": {"name": "fact_lightning.experiments.synthetic", "version": None},
+        "options": {"record": {"resolution": resolution}, "seed": seed},
+        "encoder": {"variant": encoder, "random": False, "token_shape": [num_tokens, token_dim],
+                    "token_dtype": schema.TOKENS_DTYPE},
         "detector": None,
-        "counts": {"found": images_total, "accepted": images_total, "rejected": 0, "samples": identities, "images": images_total},
-        "identities": identities,
-        "shards": shards,
+        "counts": {"found": images_total, "accepted": images_total, "rejected": 0, "samples": identities,
+                   "images": images_total, "identities": identities},
+        "identities": {k: v for s in all_stats for k, v in s["identities"].items()},
+        "shards": [shards.shard_entry(s) for s in all_stats],
         "rejects_by_reason": {},
         "warnings": [],
     }
-    (out / schema.MANIFEST_NAME).write_text(json.dumps(manifest, indent=1))
-    (out / schema.REJECTS_NAME).write_text("")
+    shards.write_rejects(out, [])
+    shards.write_manifest(out, manifest)
     return manifest

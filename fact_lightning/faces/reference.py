@@ -94,6 +94,8 @@ def locate_face(image: np.ndarray, detector: FaceDetector,
                 policy: FacePolicy) -> tuple[Detection, FaceRegions] | FaceRejection:
     """The chosen face with its final landmarks and face/head regions, or why the photo is refused."""
     h, w = image.shape[:2]
+    if min(h, w) < policy.min_face_size:  # no acceptable face fits (and a 60000x2 strip breaks detectors)
+        return FaceRejection(FACE_TOO_SMALL, f"the image is {w}x{h} px, narrower than a {policy.min_face_size} px face")
     face = choose_face(detector.detect(image), policy)
     if isinstance(face, FaceRejection):
         return face
@@ -137,7 +139,8 @@ def prepare_reference(image: np.ndarray, detector: FaceDetector, policy: FacePol
         raise ValueError(f"expected an RGB uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
     found = locate_face(image, detector, policy)
     if isinstance(found, FaceRejection):
-        raise NoFaceError(f"no usable face in the reference photo: {found.reason} {found.detail}".strip(), found.reason)
+        detail = f" ({found.detail})" if found.detail else ""
+        raise NoFaceError(f"no usable face: {found.reason}{detail}", found.reason)
     face, regions = found
     return Reference(align_reference(image, face, regions), face, regions)
 

@@ -1,5 +1,7 @@
 """Inference: FACT portraits through diffusers pipelines (text-to-image, inpainting, ControlNet, LoRA)."""
 
-from .generator import DEFAULT_GUIDANCE, DEFAULT_SCALE, DEFAULT_STEPS, FacePortraitGenerator, IdentityCondition
+from .generator import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_STEPS, INPAINT_GUIDANCE,
+                        FacePortraitGenerator, IdentityCondition)
 
-__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_SCALE", "DEFAULT_STEPS", "FacePortraitGenerator", "IdentityCondition"]
+__all__ = ["DEFAULT_GUIDANCE", "DEFAULT_NEGATIVE_PROMPT", "DEFAULT_STEPS", "INPAINT_GUIDANCE", "FacePortraitGenerator",
+           "IdentityCondition"]

@@ -1,15 +1,20 @@
-"""Portraits from reference photos: a FACT adapter on a diffusers pipeline's UNet.
+"""Portraits from reference photos: a FACT adapter on a diffusers pipeline's UNet, sampled as the official
+release samples.
 
-Guidance follows the paper's Eq. 5 over both conditions at once. diffusers computes
-``uncond + g * (cond - uncond)`` with the batch ``[uncond, cond]``; we pass the identity embeddings in the
-same order, ``[Prj(zeros), e_id]``, so the unconditional branch has the negative prompt *and* the id-drop
-embedding: ``(1 + w) * H(text, e_id) - w * H(negative, Prj(zeros))`` with ``g = 1 + w`` (the paper's
-"CFG scale" is w: its 7.0 is ``guidance_scale=8.0`` in the ``g`` form used by diffusers).
+Guidance is the paper's Eq. 5 over both conditions at once, ``(1 + w) * H(text, e_id) - w * H(negative,
+Prj(zeros))``. diffusers computes ``uncond + g * (cond - uncond)`` on the batch ``[uncond, cond]``; we pass
+the identity embeddings in the same order, ``[Prj(zeros), e_id]``, so the unconditional branch carries the
+negative prompt *and* the id-drop embedding. The paper's "CFG scale 7.0" is passed as ``guidance_scale=7.0``,
+as the official code passes it (facechain ``inference_fact.py``); the official inpainting app uses 5.0.
+``text_only_guidance=True`` is the official ``cfg_face=False``: both branches carry e_id, so guidance
+pushes along the text only. ``face_delay`` is the official ``delayed_face_condition``: the adapter acts
+only from that fraction of the denoising steps on.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,14 +23,18 @@ import torch
 from PIL import Image
 
 from fact_lightning.models.injection import FaceAdapter
+from fact_lightning.models.sfags import INFERENCE_ADAPTER_SCALE
 
-from .pipelines import build_pipeline, load_lora
+from .pipelines import DEFAULT_SCHEDULER, build_pipeline, load_lora
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SCALE = 0.5  # adapter scale of the official release (0.5-0.55 for inpainting)
-DEFAULT_GUIDANCE = 5.0  # guidance_scale of the official app
+# The official apps' settings (facechain inference_fact.py / inference_inpaint_fact.py); the adapter scale
+# is models.sfags.INFERENCE_ADAPTER_SCALE (0.5).
+DEFAULT_GUIDANCE = 7.0  # text-to-image (and ControlNet): the paper's "CFG 7.0", passed as guidance_scale
+INPAINT_GUIDANCE = 5.0  # the inpainting app
 DEFAULT_STEPS = 50
+DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,7 @@ class FacePortraitGenerator:
     @classmethod
     def from_components(cls, base, adapter: FaceAdapter, face_encoder: torch.nn.Module | None = None, *,
                         mode: str = "txt2img",
-                        controlnet=None, scheduler: str = "ddim", detector=None) -> FacePortraitGenerator:
+                        controlnet=None, scheduler: str = DEFAULT_SCHEDULER, detector=None) -> FacePortraitGenerator:
         """Builds the pipeline for ``mode`` over ``base`` (whose UNet ``adapter`` is attached to)."""
         return cls(build_pipeline(base, mode, controlnet=controlnet, scheduler=scheduler), adapter, face_encoder,
                    detector)
@@ -78,15 +87,19 @@ class FacePortraitGenerator:
         return load_lora(self.pipeline, source, adapter_name=adapter_name, weight=weight)
 
     # -- identity ---------------------------------------------------------------------------------------
-    def encode_references(self, photos: Sequence[np.ndarray], *, aligned: bool = False) -> IdentityCondition:
+    def encode_references(self, photos: Sequence[np.ndarray], *, aligned: bool = False,
+                          policy=None) -> IdentityCondition:
         """Reference photos of one person (RGB uint8) -> their face tokens.
 
-        Raw photos go through ``faces.reference.prepare_reference`` (detection, ArcFace alignment, head
-        mask: the path ``fact-data`` takes); ``aligned=True`` takes 112x112 faces prepared that way already.
+        Raw photos go through ``faces.reference.prepare_reference`` (detection, face policy, ArcFace
+        alignment, head mask: the path ``fact-data`` takes). ``policy`` is fact-data's strict
+        ``FacePolicy()`` by default (a refused photo raises ``NoFaceError`` with its reason);
+        ``faces.reference.LENIENT_POLICY`` takes the largest face wherever it is. ``aligned=True`` takes
+        112x112 faces prepared that way already.
         Encoding is ``faces.encoding.encode_faces``, the same call that caches shard features.
         """
         from fact_lightning.faces.encoding import encode_faces
-        from fact_lightning.faces.reference import prepare_reference
+        from fact_lightning.faces.reference import FacePolicy, prepare_reference
 
         if len(photos) == 0:
             raise ValueError("give at least one reference photo")
@@ -97,7 +110,8 @@ class FacePortraitGenerator:
         else:
             if self.detector is None:
                 raise ValueError("raw reference photos need a face detector (or pass aligned faces)")
-            faces = [prepare_reference(np.asarray(p, np.uint8), self.detector).face for p in photos]
+            faces = [prepare_reference(np.asarray(p, np.uint8), self.detector, policy or FacePolicy()).face
+                     for p in photos]
         tokens = encode_faces(self.face_encoder, np.stack(faces), device=self.device)
         return IdentityCondition(torch.from_numpy(tokens.astype(np.float32)))
 
@@ -112,39 +126,72 @@ class FacePortraitGenerator:
         return e_id, null
 
     def cross_attention_kwargs(self, identity: IdentityCondition, batch: int, *, adapter_scale: float, guidance: bool,
-                               lora_scale: float | None = None) -> dict:
-        """The UNet's ``cross_attention_kwargs`` for ``batch`` images: ``[null]*batch + [e_id]*batch`` with
-        guidance (diffusers' [uncond, cond] order), ``[e_id]*batch`` without."""
+                               text_only_guidance: bool = False, lora_scale: float | None = None) -> dict:
+        """The UNet's ``cross_attention_kwargs`` for ``batch`` images.
+
+        With guidance the batch is diffusers' ``[uncond, cond]``: ``[null]*batch + [e_id]*batch`` (Eq. 5), or
+        ``[e_id]*2*batch`` with ``text_only_guidance``; without guidance ``[e_id]*batch``.
+        """
         e_id, null = self.identity_embeddings(identity)
-        embeddings = torch.cat([null.expand(batch, -1, -1), e_id.expand(batch, -1, -1)]) if guidance \
+        uncond = e_id if text_only_guidance else null
+        embeddings = torch.cat([uncond.expand(batch, -1, -1), e_id.expand(batch, -1, -1)]) if guidance \
             else e_id.expand(batch, -1, -1)
         return self.adapter.condition(embeddings, adapter_scale, lora_scale=lora_scale)
 
     # -- generation -------------------------------------------------------------------------------------
-    def __call__(self, prompt: str | list[str], identity: IdentityCondition, *, negative_prompt: str | list[str] | None = None,
-                 scale: float = DEFAULT_SCALE, guidance_scale: float = DEFAULT_GUIDANCE,
+    def __call__(self, prompt: str | list[str], identity: IdentityCondition, *,
+                 negative_prompt: str | list[str] | None = DEFAULT_NEGATIVE_PROMPT,
+                 adapter_scale: float = INFERENCE_ADAPTER_SCALE, guidance_scale: float | None = None,
                  num_inference_steps: int = DEFAULT_STEPS, seed: int | None = 0, num_images: int = 1,
-                 height: int | None = None, width: int | None = None, image=None, mask_image=None,
-                 control_image=None, controlnet_conditioning_scale: float = 1.0, lora_scale: float | None = None,
+                 height: int | None = None, width: int | None = None, text_only_guidance: bool = False,
+                 face_delay: float = 0.0, image=None, mask_image=None, control_image=None,
+                 controlnet_conditioning_scale: float = 1.0, lora_scale: float | None = None,
                  keep_outside_mask: bool = True, output_type: str = "pil", **pipeline_kwargs) -> list:
         """Generates ``num_images`` per prompt. Returns PIL images (or float arrays in [0, 1] for ``"np"``).
 
+        Defaults are the official app's: ``adapter_scale`` 0.5, ``guidance_scale`` 7.0 (5.0 for an
+        inpainting pipeline when None), 50 steps, the official negative prompt (a string applies to every
+        prompt; None or "" for none). ``text_only_guidance``: both guidance branches carry e_id (official
+        ``cfg_face=False``). ``face_delay`` in [0, 1]: denoising steps before that fraction of the loop run
+        without the adapter (official ``delayed_face_condition``; 1.0 equals ``adapter_scale=0``).
         Inpainting (an inpaint pipeline): ``image`` is the template, ``mask_image`` its face region (white =
         regenerate). With ``keep_outside_mask`` the template's pixels outside the mask are pasted back, so
         only the face region changes (the inpainting portrait mode). ControlNet: ``control_image``.
         ``lora_scale`` scales a loaded LoRA for this call.
         """
+        if "scale" in pipeline_kwargs:  # diffusers would swallow it silently: the old name of adapter_scale
+            raise TypeError("scale= is not an option of the generator: the adapter scale is adapter_scale=")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        if isinstance(negative_prompt, str):  # diffusers wants the prompt's type: one per prompt
+            negative_prompt = [negative_prompt] * len(prompts)
+        elif negative_prompt is not None and len(negative_prompt) != len(prompts):
+            raise ValueError(f"{len(negative_prompt)} negative prompts for {len(prompts)} prompts")
+        if num_inference_steps < 1:
+            raise ValueError(f"the number of denoising steps must be at least 1, got {num_inference_steps}")
+        if num_images < 1:
+            raise ValueError(f"the number of images per prompt must be at least 1, got {num_images}")
+        if not 0.0 <= face_delay <= 1.0:
+            raise ValueError(f"face_delay is a fraction of the steps in [0, 1], got {face_delay}")
+        kind = type(self.pipeline).__name__
+        if guidance_scale is None:
+            guidance_scale = INPAINT_GUIDANCE if "Inpaint" in kind else DEFAULT_GUIDANCE
         batch = len(prompts) * num_images
-        guidance = guidance_scale > 1.0
+        condition = dict(guidance=guidance_scale > 1.0, text_only_guidance=text_only_guidance, lora_scale=lora_scale)
+        with_face = self.cross_attention_kwargs(identity, batch, adapter_scale=adapter_scale, **condition)
         kwargs = dict(
             prompt=prompts, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps, num_images_per_prompt=num_images, output_type="np",
-            cross_attention_kwargs=self.cross_attention_kwargs(identity, batch, adapter_scale=scale, guidance=guidance,
-                                                         lora_scale=lora_scale),
+            cross_attention_kwargs=with_face,
             generator=None if seed is None else torch.Generator("cpu").manual_seed(seed),
         )
-        kind = type(self.pipeline).__name__
+        if face_delay > 0:
+            if "callback_on_step_end" in pipeline_kwargs:
+                raise ValueError("face_delay uses callback_on_step_end; pass one or the other")
+            kwargs["cross_attention_kwargs"] = self.cross_attention_kwargs(identity, batch, adapter_scale=0.0,
+                                                                           **condition)
+            kwargs["callback_on_step_end"] = _FaceFrom(face_delay, with_face)
         if "Inpaint" in kind:
             if image is None or mask_image is None:
                 raise ValueError("inpainting needs a template image and its mask_image")
@@ -164,6 +211,23 @@ class FacePortraitGenerator:
         if output_type == "np":
             return list(images)
         return [Image.fromarray(np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)) for x in images]
+
+
+class _FaceFrom:
+    """``callback_on_step_end`` that switches the adapter on once ``fraction`` of the denoising loop is done.
+
+    Step ``i`` of ``T`` runs without the adapter while ``i < fraction * T``; the pipeline reads its
+    ``cross_attention_kwargs`` afresh at every step, so the switch takes effect at the next one.
+    """
+
+    def __init__(self, fraction: float, with_face: dict):
+        self.fraction = fraction
+        self.with_face = with_face
+
+    def __call__(self, pipeline, step: int, timestep, tensors: dict) -> dict:
+        if step + 1 == math.ceil(self.fraction * pipeline.num_timesteps):
+            pipeline._cross_attention_kwargs = self.with_face  # diffusers' own store, read at every step
+        return tensors
 
 
 def _as_float_array(picture, size: tuple[int, int], channels: int) -> np.ndarray:

@@ -14,6 +14,7 @@ import torch
 from fact_lightning.models.base import MissingWeightsError
 
 from .generator import FacePortraitGenerator
+from .pipelines import DEFAULT_SCHEDULER
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ class GeneratorSources:
     mode: str = "txt2img"
     controlnet: str | None = None
     loras: list[tuple[str, float]] = field(default_factory=list)
-    scheduler: str = "ddim"
+    scheduler: str = DEFAULT_SCHEDULER
     detector: str = "mediapipe"
     detector_weights: str | None = None
     device: str = "cpu"
@@ -63,12 +64,29 @@ class GeneratorSources:
         return {k: (list(map(list, v)) if k == "loras" else v) for k, v in self.__dict__.items()}
 
 
-def load_generator(src: GeneratorSources) -> FacePortraitGenerator:
+def load_detector(src: GeneratorSources):
+    """The face detector of ``src``, started (``start_detector``): its start-up (native threads and what they
+    log) is over when this returns. Cheap next to the models: commands check the reference photos with it
+    before loading anything else."""
+    from fact_lightning.faces.detectors import start_detector
+
+    return start_detector(src.detector, Path(src.detector_weights) if src.detector_weights else None,
+                          device=src.device)
+
+
+def check_finite(adapter: torch.nn.Module, path: str | Path) -> None:
+    """Refuses an adapter with NaN or infinite weights: it would only ever produce black images."""
+    bad = [name for name, value in adapter.state_dict().items() if not torch.isfinite(value).all()]
+    if bad:
+        raise ValueError(f"adapter file {path} has non-finite (NaN or infinite) weights in {len(bad)} tensors, "
+                         f"e.g. {bad[0]}: the training run that wrote it diverged")
+
+
+def load_generator(src: GeneratorSources, detector=None) -> FacePortraitGenerator:
     """Loads (or, with ``tiny``, builds) every part and returns the generator. Nothing is downloaded unless
-    a hub id was given and ``local_files_only`` is off."""
-    from fact_lightning.faces.detectors import create_detector
+    a hub id was given and ``local_files_only`` is off. ``detector``: one made by :func:`load_detector`."""
+    from fact_lightning.models.adapter_io import load_adapter
     from fact_lightning.interop.official import load_encoder
-    from fact_lightning.adapter_io import load_adapter
     from fact_lightning.models.base import load_base_model
     from fact_lightning.tiny import random_tiny_adapter, tiny_base_model, tiny_controlnet, tiny_inpaint_unet
 
@@ -90,8 +108,10 @@ def load_generator(src: GeneratorSources) -> FacePortraitGenerator:
     if src.adapter:
         path = Path(src.adapter).expanduser()
         if not path.is_file():
-            raise MissingWeightsError(f"adapter file not found: {path} (our .safetensors export or the official FACT file)")
+            what = "is a directory, not an adapter file" if path.is_dir() else "not found"
+            raise MissingWeightsError(f"adapter file {what}: {path} (our .safetensors export or the official FACT file)")
         adapter = load_adapter(path, base.unet)
+        check_finite(adapter, path)
     else:  # tiny without an adapter file: a seeded random one, gates opened so that it acts
         adapter = random_tiny_adapter(base.unet, src.seed)
 
@@ -100,12 +120,16 @@ def load_generator(src: GeneratorSources) -> FacePortraitGenerator:
         controlnet = tiny_controlnet(base.unet, src.seed) if src.tiny and src.controlnet == TINY \
             else load_controlnet(src.controlnet, dtype=dtype, local_files_only=src.local_files_only)
 
-    detector = create_detector(src.detector, Path(src.detector_weights) if src.detector_weights else None, device=src.device)
     generator = FacePortraitGenerator.from_components(base, adapter, encoder, mode=src.mode, controlnet=controlnet,
-                                                      scheduler=src.scheduler, detector=detector)
+                                                      scheduler=src.scheduler,
+                                                      detector=detector or load_detector(src))
     for i, (path, weight) in enumerate(src.loras):
         generator.load_lora(path, weight=weight, adapter_name=f"lora{i}")
-    generator.pipeline.to(src.device, dtype)
-    adapter.to(src.device, dtype)
+    pipe = generator.pipeline
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, controlnet, adapter):
+        if module is not None:
+            # nn.Module.to, not diffusers' ModelMixin.to: that one warns about an empty list of fp32
+            # modules on every dtype cast. Weights loaded from disk are in ``dtype`` already.
+            torch.nn.Module.to(module, device=src.device, dtype=dtype)
     encoder.to(src.device)
     return generator

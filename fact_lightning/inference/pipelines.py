@@ -12,16 +12,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fact_lightning.models.base import BaseModel, MissingWeightsError
+from fact_lightning.models.base import BaseModel, MissingWeightsError, resolve_source
 
 log = logging.getLogger(__name__)
 
 MODES = ("txt2img", "inpaint", "controlnet")
-SCHEDULERS = ("ddim", "dpmsolver", "euler", "pndm")
+SCHEDULERS = ("pndm", "ddim", "dpmsolver", "euler")
+DEFAULT_SCHEDULER = "pndm"  # SD1.5's own scheduler, the one the official FACT apps sample with
 
 
-def inference_scheduler(base: BaseModel, name: str = "ddim"):
-    """A sampling scheduler sharing the base model's noise schedule."""
+def inference_scheduler(base: BaseModel, name: str = DEFAULT_SCHEDULER):
+    """A sampling scheduler sharing the base model's noise schedule (PNDM as configured in SD1.5)."""
     import diffusers
 
     classes = {
@@ -34,11 +35,13 @@ def inference_scheduler(base: BaseModel, name: str = "ddim"):
         raise ValueError(f"unknown scheduler {name!r}; choose one of {SCHEDULERS}")
     config = {k: v for k, v in base.noise_scheduler.config.items() if k != "_use_default_values"}
     config["steps_offset"] = 1  # SD1.5's sampling offset
+    if name == "pndm":  # SD1.5's scheduler_config.json: PLMS steps only, no Runge-Kutta warm-up
+        config.update(skip_prk_steps=True, set_alpha_to_one=False)
     return classes[name].from_config(config)
 
 
 def build_pipeline(base: BaseModel, mode: str = "txt2img", *, controlnet: nn.Module | None = None,
-                   scheduler: str = "ddim"):
+                   scheduler: str = DEFAULT_SCHEDULER):
     """The diffusers pipeline for ``mode`` over the base model's components (no safety checker)."""
     import diffusers
 
@@ -66,13 +69,11 @@ def load_controlnet(source: str | Path, *, dtype: torch.dtype | None = None, loc
     """A ControlNet (e.g. OpenPose for SD1.5) from a local diffusers folder or a hub id."""
     from diffusers import ControlNetModel
 
-    local = Path(str(source)).expanduser()
-    if not local.exists() and (str(source).startswith((".", "/", "~")) or str(source).count("/") > 1):
-        raise MissingWeightsError(f"ControlNet folder {local} does not exist")
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise MissingWeightsError(f"ControlNet folder {local} has no config.json")
+    resolved = resolve_source(source, "ControlNet folder")
+    if resolved.local and not (Path(resolved.location) / "config.json").is_file():
+        raise MissingWeightsError(f"ControlNet folder {resolved.location} has no config.json")
     try:
-        return ControlNetModel.from_pretrained(str(local) if local.exists() else str(source), torch_dtype=dtype,
+        return ControlNetModel.from_pretrained(resolved.location, torch_dtype=dtype,
                                                local_files_only=local_files_only).eval()
     except (OSError, ValueError) as err:
         raise MissingWeightsError(f"could not load the ControlNet from {str(source)!r}: {err}") from err
@@ -81,14 +82,13 @@ def load_controlnet(source: str | Path, *, dtype: torch.dtype | None = None, loc
 def load_lora(pipeline, source: str | Path, *, adapter_name: str = "lora", weight: float = 1.0) -> str:
     """Loads a LoRA (diffusers/kohya safetensors, file or folder, or hub id) into the pipeline's UNet and
     text encoder through diffusers' PEFT backend, active at ``weight``. Returns the adapter name."""
-    local = Path(str(source)).expanduser()
-    if not local.exists() and (str(source).startswith((".", "/", "~")) or str(source).count("/") > 1):
-        raise MissingWeightsError(f"LoRA file {local} does not exist")
+    resolved = resolve_source(source, "LoRA file")
+    local = Path(resolved.location)
     try:
-        if local.is_file():
+        if resolved.local and local.is_file():
             pipeline.load_lora_weights(str(local.parent), weight_name=local.name, adapter_name=adapter_name)
         else:
-            pipeline.load_lora_weights(str(local) if local.exists() else str(source), adapter_name=adapter_name)
+            pipeline.load_lora_weights(resolved.location, adapter_name=adapter_name)
     except (OSError, ValueError) as err:
         raise MissingWeightsError(f"could not load the LoRA from {str(source)!r}: {err}") from err
     pipeline.set_adapters([adapter_name], adapter_weights=[weight])

@@ -5,6 +5,9 @@ Official FACT checkpoint (one torch pickle of tensors):
                                          (same names as ours) or ``ln.*``: the block's own norm2, which the
                                          official code moves into its processor;
     ``local_fac_prj.<param>``            the perceiver resampler, same names as ours.
+Like the official loader (which keeps only keys with ``processor`` / ``local_fac_prj`` and loads the
+processors non-strictly) we ignore, with a warning, keys the adapter does not use; unlike it, a key the
+adapter needs that is missing or of the wrong shape is an error.
 Official TransFace file: a plain state dict of its VisionTransformer, same names as ``TransFaceEncoder``.
 Both are pickles: always read with ``torch.load(weights_only=True)``.
 """
@@ -119,9 +122,12 @@ def load_encoder(variant: str, weights: str | Path | None, allow_random: bool) -
 
 
 # -- FACT adapter ----------------------------------------------------------------------------------------
-def official_to_native(state: dict[str, torch.Tensor], adapter: FaceAdapter) -> tuple[dict, dict]:
-    """Splits an official state dict into (adapter state dict, {block path: moved norm2 state})."""
-    native, norms = {}, {}
+def official_to_native(state: dict[str, torch.Tensor], adapter: FaceAdapter) -> tuple[dict, dict, list[str]]:
+    """Splits an official state dict into (adapter state dict, {block path: moved norm2 state}, ignored keys).
+
+    Ignored: keys outside ``local_fac_prj.`` and the attn2 processors of ``adapter``'s blocks.
+    """
+    native, norms, ignored = {}, {}, []
     by_prefix = {site.official_processor + ".": site for site in adapter.sites}
     for key, value in state.items():
         if key.startswith(PROJECTION_PREFIX):
@@ -130,42 +136,72 @@ def official_to_native(state: dict[str, torch.Tensor], adapter: FaceAdapter) -> 
         prefix = key[: key.find(PROCESSOR_INFIX) + len(PROCESSOR_INFIX)] if PROCESSOR_INFIX in key else None
         site = by_prefix.get(prefix)
         if site is None:
-            native["<unexpected>" + key] = value
+            ignored.append(key)
             continue
         param = key[len(prefix) :]
         if param.startswith(MOVED_NORM):
             norms.setdefault(site.path, {})[param[len(MOVED_NORM) :]] = value
         else:
             native[f"blocks.{site.key}.{param}"] = value
-    return native, norms
+    return native, norms, ignored
 
 
 def load_fact_checkpoint(path: str | Path, unet: nn.Module, dim_head: int = 64) -> FaceAdapter:
     """Reads an official FACT checkpoint, attaches its adapters to ``unet`` and returns the adapter.
 
     The projection's sizes are inferred from the file (its heads are ``dim_head`` wide, 64 officially);
-    the blocks must be exactly those of ``unet``.
-    As the official code does, the stored ``ln`` (the block's norm2) replaces the UNet's norm2.
+    every block of ``unet`` must be in the file, with the right shapes. Other keys are ignored with a
+    warning, as the official loader ignores them. As the official code does, the stored ``ln`` (the
+    block's norm2) replaces the UNet's norm2; the adapter remembers the file's values at the file's precision
+    and exports those, even if the UNet runs in lower precision.
     """
     state = _read_torch_file(path, "FACT checkpoint")
     projection_state = {k[len(PROJECTION_PREFIX) :]: v for k, v in state.items() if k.startswith(PROJECTION_PREFIX)}
     if not projection_state:
         raise ValueError(f"FACT checkpoint {path} has no '{PROJECTION_PREFIX}*' keys (the face projection)")
     adapter = FaceAdapter(transformer_block_sites(unet), PerceiverResampler.config_from_state_dict(projection_state, dim_head))
-    native, norms = official_to_native(state, adapter)
-    unexpected = [k.removeprefix("<unexpected>") for k in native if k.startswith("<unexpected>")]
-    native = {k: v for k, v in native.items() if not k.startswith("<unexpected>")}
+    native, norms, ignored = official_to_native(state, adapter)
     try:
         result = adapter.load_state_dict(native, strict=False)
     except RuntimeError as err:
         raise ValueError(f"FACT checkpoint {path} does not fit this UNet: {err}") from err
-    missing = list(result.missing_keys) + [
-        f"{s.official_processor}.{MOVED_NORM}*" for s in adapter.sites if set(norms.get(s.path, {})) != {"weight", "bias"}
-    ]
-    _check_keys(f"FACT checkpoint {path}", missing, unexpected + list(result.unexpected_keys))
+    ignored += [_native_to_official_key(k, adapter) for k in result.unexpected_keys]
+    norms, missing_norms, extra_norms = _select_moved_norms(f"FACT checkpoint {path}", unet, adapter, norms)
+    _check_keys(f"FACT checkpoint {path}", list(result.missing_keys) + missing_norms, [])
+    ignored += extra_norms
+    if ignored:
+        log.warning("FACT checkpoint %s: ignoring %d key(s) the adapter does not use: %s%s", path, len(ignored),
+                    sorted(ignored)[:5], " ..." if len(ignored) > 5 else "")
     _restore_moved_norms(unet, norms)
+    for block_path, norm_state in norms.items():
+        adapter.remember_base_norm2(block_path, norm_state)
     adapter.attach(unet)
     return adapter.eval()
+
+
+def _select_moved_norms(name: str, unet: nn.Module, adapter: FaceAdapter, norms: dict) -> tuple[dict, list[str], list[str]]:
+    """(the ``ln`` weight and bias of every block, checked against its norm2's shapes; missing keys; extra keys)."""
+    selected, missing, extra = {}, [], []
+    for site in adapter.sites:
+        found, norm2 = norms.get(site.path, {}), unet.get_submodule(site.path).norm2
+        prefix = f"{site.official_processor}.{MOVED_NORM}"
+        extra += [prefix + k for k in found if k not in ("weight", "bias")]
+        missing += [prefix + k for k in ("weight", "bias") if k not in found]
+        for k in ("weight", "bias"):
+            if k in found and found[k].shape != getattr(norm2, k).shape:
+                raise ValueError(f"{name} does not fit this UNet: {prefix}{k} has shape {tuple(found[k].shape)}, "
+                                 f"the block's norm2 {tuple(getattr(norm2, k).shape)}")
+        selected[site.path] = {k: found[k] for k in ("weight", "bias") if k in found}
+    return selected, missing, extra
+
+
+def _native_to_official_key(key: str, adapter: FaceAdapter) -> str:
+    if key.startswith("projection."):
+        return PROJECTION_PREFIX + key.removeprefix("projection.")
+    for site in adapter.sites:
+        if key.startswith(f"blocks.{site.key}."):
+            return f"{site.official_processor}.{key.removeprefix(f'blocks.{site.key}.')}"
+    return key
 
 
 def _restore_moved_norms(unet: nn.Module, norms: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -179,17 +215,22 @@ def _restore_moved_norms(unet: nn.Module, norms: dict[str, dict[str, torch.Tenso
 
 
 def native_to_official(adapter: FaceAdapter) -> dict[str, torch.Tensor]:
-    """The official key layout of an attached adapter (the moved norms are read from its UNet)."""
+    """The official key layout of an attached adapter.
+
+    The moved norms (``ln``) are the base's norm2 at its original precision (``FaceAdapter.base_norm2_state``):
+    a float32 base cast to bf16 after attaching still exports its float32 values; a base loaded in bf16
+    exports bf16 values (bf16 is its original precision).
+    """
     if not adapter.attached_blocks:
         raise ValueError("the adapter must be attached to its UNet to export the official format (it stores norm2)")
     out = {PROJECTION_PREFIX + k: v for k, v in adapter.projection.state_dict().items()}
-    for site, block in zip(adapter.sites, adapter.attached_blocks, strict=True):
+    for site in adapter.sites:
         prefix = site.official_processor + "."
         block_state = adapter.blocks[site.key].state_dict()
         for gate in ("alpha_attn", "alpha_dense"):  # the release stores its gates as 0-d scalars
             block_state[gate] = block_state[gate].reshape(())
         out.update({prefix + k: v for k, v in block_state.items()})
-        out.update({prefix + MOVED_NORM + k: v for k, v in block.norm2.state_dict().items()})
+        out.update({prefix + MOVED_NORM + k: v for k, v in adapter.base_norm2_state(site.path).items()})
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 

@@ -44,7 +44,42 @@ class BaseModel:
 
 
 class MissingWeightsError(FileNotFoundError):
-    """The base model's files are not where the user said they are."""
+    """Weights are not where the user said they are (a missing local path, an unreachable hub id)."""
+
+
+# A name ending like a weights file is a local file, never a hub repository id.
+_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where ``from_pretrained`` reads weights: ``location`` is a local path (``local``) or a hub id."""
+
+    location: str
+    local: bool
+
+
+def resolve_source(source: str | Path, what: str) -> WeightsSource:
+    """Decides, in one place for every loader, whether ``source`` is a local path or a hub id.
+
+    An existing path (``~`` expanded) is local. Otherwise a valid hub repository id (``owner/name`` or
+    ``name``, checked by ``huggingface_hub.utils.validate_repo_id``) that does not end like a weights file
+    is a hub id; it is fetched only if the network and ``local_files_only`` allow. Anything else is a
+    local path that does not exist: :class:`MissingWeightsError` naming ``what`` and the path.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    text = str(source)
+    local = Path(text).expanduser()
+    if text and local.exists():
+        return WeightsSource(str(local), True)
+    if not text.lower().endswith(_FILE_SUFFIXES):
+        try:
+            validate_repo_id(text)
+            return WeightsSource(text, False)
+        except HFValidationError:
+            pass
+    raise MissingWeightsError(f"{what} {local} does not exist (neither a local path nor a hub id)")
 
 
 def load_base_model(
@@ -64,15 +99,12 @@ def load_base_model(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    source = str(source)
-    local = Path(source).expanduser()
-    if local.exists():
-        missing = [f"{sub}/" for sub in SUBFOLDERS if not (local / sub).is_dir()]
+    resolved = resolve_source(source, "base model folder")
+    source = resolved.location
+    if resolved.local:
+        missing = [f"{sub}/" for sub in SUBFOLDERS if not (Path(source) / sub).is_dir()]
         if missing:
-            raise MissingWeightsError(f"base model folder {local} is missing {', '.join(missing)}")
-        source = str(local)
-    elif source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise MissingWeightsError(f"base model folder {local} does not exist")
+            raise MissingWeightsError(f"base model folder {source} is missing {', '.join(missing)}")
 
     common = {"revision": revision, "local_files_only": local_files_only}
     try:

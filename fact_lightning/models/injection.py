@@ -4,10 +4,17 @@ Each adapted ``BasicTransformerBlock`` gets its ``GatedFaceAttention`` in the bl
 (``block.fuser``, applied after self-attention and before ``norm2``/cross-attention: exactly where SFAGS
 sits). A forward pre-hook takes our ``"fact"`` key out of ``cross_attention_kwargs`` and hands it to the
 fuser as GLIGEN's ``objs``; the block pops that before its attention processors run, so processors (and
-LoRA, ControlNet, any pipeline) never see an unknown key.
+LoRA, ControlNet, any pipeline) never see an unknown key. The hook is plain dictionary work with the
+argument position found once at attach time, so ``torch.compile`` traces a UNet with adapters without
+graph breaks.
 
-The adapter weights stay owned by ``FaceAdapter``: the UNet holds unregistered references only, so the
-UNet's own state dict, ``save_pretrained`` and LoRA loading are those of the plain base model.
+The fuser is a registered submodule of its block, so everything that walks the module tree carries it with
+the UNet: ``unet.to(device/dtype)``, ``pipe.to(...)``, accelerate's offload hooks (which call
+``module.to``), ``copy.deepcopy(unet)``, ``torch.compile``. The weights stay owned by ``FaceAdapter``: a
+state-dict hook on each adapted block leaves them out of the UNet's own ``state_dict()`` (so
+``save_pretrained`` writes the plain base model), and a load hook lets the UNet load a base state dict
+strictly. Note that ``unet.parameters()`` does include the adapter's weights while it is attached
+(as a GLIGEN UNet's include its fuser): freeze the base with ``mark_only_adapter_trainable``.
 """
 
 from __future__ import annotations
@@ -22,12 +29,13 @@ import torch
 from torch import nn
 
 from .resampler import PerceiverResampler, ResamplerConfig
-from .sfags import FaceCondition, GatedFaceAttention
+from .sfags import TRAINING_ADAPTER_SCALE, FaceCondition, GatedFaceAttention
 from .unet_layout import BlockSite, transformer_block_sites
 
 log = logging.getLogger(__name__)
 
 CONDITION_KEY = "fact"
+FUSER = "fuser"  # BasicTransformerBlock's GLIGEN slot, where each SFAGS sits
 
 
 class FaceAdapter(nn.Module):
@@ -44,6 +52,9 @@ class FaceAdapter(nn.Module):
             self.blocks[site.key].name = site.path
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._attached: list[nn.Module] = []
+        # Block path -> the base's norm2 state at the precision it had when first seen (see base_norm2_state).
+        # A plain dict, not buffers: casting the adapter or the UNet must not round these.
+        self._base_norm2: dict[str, dict[str, torch.Tensor]] = {}
 
     @classmethod
     def for_unet(cls, unet: nn.Module, projection: ResamplerConfig | None = None) -> FaceAdapter:
@@ -71,12 +82,18 @@ class FaceAdapter(nn.Module):
         for site in self.sites:
             if found[site.path] != site:
                 raise ValueError(f"block {site.path} is {found[site.path]}, the adapter expects {site}")
-            block = unet.get_submodule(site.path)
-            if getattr(block, "fuser", None) is not None:
+            if getattr(unet.get_submodule(site.path), FUSER, None) is not None:
                 raise ValueError(f"block {site.path} already has a GLIGEN fuser; cannot attach a face adapter")
-            # Bypass nn.Module registration: the adapter, not the UNet, owns these weights.
-            object.__setattr__(block, "fuser", self.blocks[site.key])
-            self._hooks.append(block.register_forward_pre_hook(_route_condition, with_kwargs=True))
+        for site in self.sites:
+            block = unet.get_submodule(site.path)
+            self.remember_base_norm2(site.path, block.norm2.state_dict())
+            setattr(block, FUSER, self.blocks[site.key])  # registered: .to(), offload hooks, deepcopy carry it
+            route = functools.partial(_route_condition, _cross_attention_kwargs_position(block))
+            self._hooks += [
+                block.register_forward_pre_hook(route, with_kwargs=True),
+                block.register_state_dict_post_hook(_drop_fuser_state),
+                block.register_load_state_dict_pre_hook(_keep_fuser_state),
+            ]
             self._attached.append(block)
 
     @property
@@ -88,8 +105,35 @@ class FaceAdapter(nn.Module):
         for hook in self._hooks:
             hook.remove()
         for block in self._attached:
-            object.__delattr__(block, "fuser")
+            delattr(block, FUSER)
         self._hooks, self._attached = [], []
+
+    # -- the base's norm2, which the official format stores ------------------------------------------------
+    def remember_base_norm2(self, path: str, state: dict[str, torch.Tensor]) -> None:
+        """Records the norm2 state of block ``path`` at its current precision, unless an equal-or-finer one is known.
+
+        A known record is kept when it equals ``state`` once rounded to ``state``'s dtype (the same weights,
+        seen again after the base was cast to bf16/fp16); otherwise ``state`` replaces it.
+        """
+        known = self._base_norm2.get(path)
+        if known is not None and _rounds_to(known, state):
+            return
+        self._base_norm2[path] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+    def base_norm2_state(self, path: str) -> dict[str, torch.Tensor]:
+        """The attached block's norm2 at the base's original precision (what the official format stores).
+
+        "Original" is the precision norm2 had when the adapter first saw it: when attached (or, for a loaded
+        official file, the file's own values). Casting the UNet afterwards (``unet.to(torch.bfloat16)``)
+        does not lose it. A base loaded in bf16 has bf16 as its original precision. If the UNet's norm2 was
+        changed since (not just cast), the current values are returned.
+        """
+        block = self._attached[[s.path for s in self.sites].index(path)]
+        current = block.norm2.state_dict()
+        known = self._base_norm2.get(path)
+        if known is not None and _rounds_to(known, current):
+            return dict(known)
+        return {k: v.detach() for k, v in current.items()}
 
     # -- conditioning -----------------------------------------------------------------------------------
     def project(self, face_tokens: torch.Tensor) -> torch.Tensor:
@@ -108,16 +152,23 @@ class FaceAdapter(nn.Module):
 
     @staticmethod
     def condition(
-        face_embeddings: torch.Tensor, scale: float | torch.Tensor = 1.0, *, lora_scale: float | None = None, **extra
+        face_embeddings: torch.Tensor,
+        adapter_scale: float | torch.Tensor = TRAINING_ADAPTER_SCALE,
+        *,
+        lora_scale: float | None = None,
+        **extra,
     ) -> dict:
-        """``cross_attention_kwargs`` for a UNet call conditioned on ``face_embeddings`` at adapter scale ``scale``.
+        """``cross_attention_kwargs`` for a UNet call conditioned on ``face_embeddings`` at ``adapter_scale``.
 
-        ``lora_scale`` becomes diffusers' own ``"scale"`` key (the LoRA scale); other keyword arguments are
-        passed through unchanged.
+        ``adapter_scale`` is a in Eq. 2 (a float, or a (B,) tensor per sample). ``lora_scale`` becomes
+        diffusers' own ``"scale"`` key (the LoRA scale); other keyword arguments are passed through unchanged,
+        except ``scale``, refused as ambiguous (it was this method's name for the adapter scale).
         """
+        if "scale" in extra:
+            raise TypeError("condition() got 'scale': pass adapter_scale= (the face adapter's a) or lora_scale= (LoRA)")
         if lora_scale is not None:
             extra["scale"] = lora_scale
-        return {**extra, CONDITION_KEY: FaceCondition(face_embeddings, scale)}
+        return {**extra, CONDITION_KEY: FaceCondition(face_embeddings, adapter_scale)}
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -132,30 +183,49 @@ class FaceAdapter(nn.Module):
                 block.sink = None
 
 
-def _route_condition(block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """Moves our condition from ``cross_attention_kwargs`` into the block's GLIGEN slot."""
-    position = _cross_attention_kwargs_position(type(block))
-    if "cross_attention_kwargs" in kwargs:
+def _cross_attention_kwargs_position(block: nn.Module) -> int:
+    """Where ``cross_attention_kwargs`` sits among the block's positional arguments (gradient checkpointing
+    calls blocks positionally). Found once, at attach time: the hook itself does no introspection."""
+    params = list(inspect.signature(type(block).forward).parameters)
+    return params.index("cross_attention_kwargs") - 1  # minus self
+
+
+def _route_condition(position: int, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    """Moves our condition from ``cross_attention_kwargs`` into the block's GLIGEN slot (``objs``)."""
+    by_keyword = "cross_attention_kwargs" in kwargs
+    if by_keyword:
         given = kwargs["cross_attention_kwargs"]
-    elif len(args) > position:  # gradient checkpointing calls blocks positionally
+    elif len(args) > position:
         given = args[position]
     else:
-        given = None
-    if not given or CONDITION_KEY not in given:
-        return args, kwargs
-    routed = {k: v for k, v in given.items() if k != CONDITION_KEY}
-    routed["gligen"] = {"objs": given[CONDITION_KEY]}
-    if "cross_attention_kwargs" in kwargs:
-        kwargs = {**kwargs, "cross_attention_kwargs": routed}
-    else:
-        args = (*args[:position], routed, *args[position + 1 :])
-    return args, kwargs
+        return None
+    if given is None or CONDITION_KEY not in given:
+        return None
+    routed = dict(given)
+    routed["gligen"] = {"objs": routed.pop(CONDITION_KEY)}
+    if by_keyword:
+        return args, {**kwargs, "cross_attention_kwargs": routed}
+    return (*args[:position], routed, *args[position + 1 :]), kwargs
 
 
-@functools.cache
-def _cross_attention_kwargs_position(block_type: type) -> int:
-    params = list(inspect.signature(block_type.forward).parameters)
-    return params.index("cross_attention_kwargs") - 1  # minus self
+def _drop_fuser_state(block: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict hook: the UNet's state dict stays the base model's (the adapter saves its own weights)."""
+    for key in [k for k in state_dict if k.startswith(prefix + FUSER + ".")]:
+        del state_dict[key]
+
+
+def _keep_fuser_state(block: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load pre-hook: a base state dict (no adapter keys) loads strictly; the adapter keeps its weights."""
+    fuser = getattr(block, FUSER)
+    for key, value in fuser.state_dict(prefix=prefix + FUSER + ".", keep_vars=True).items():
+        state_dict.setdefault(key, value)
+
+
+def _rounds_to(fine: dict[str, torch.Tensor], coarse: dict[str, torch.Tensor]) -> bool:
+    """Whether ``fine`` rounded to ``coarse``'s dtypes equals ``coarse`` (same keys)."""
+    return fine.keys() == coarse.keys() and all(
+        torch.equal(fine[k].to(coarse[k].dtype), coarse[k].detach().to("cpu")) for k in fine
+    )
 
 
 def mark_only_adapter_trainable(unet: nn.Module, adapter: FaceAdapter, *frozen: nn.Module) -> None:

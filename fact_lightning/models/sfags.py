@@ -3,10 +3,13 @@
 Paper Eq. 2 in the official two-gate form (the GLIGEN fuser):
     x = x + a * tanh(alpha_attn) * TS(SelfAttn(norm1([x, linear(e_id)])))
     x = x + a * tanh(alpha_dense) * FF(norm2(x))
-Both gates start at 0, so a freshly attached adapter leaves the UNet unchanged. Parameter names are the
-official processor's (``linear``, ``attn.to_q``..., ``ff.net.0.proj``, ``ff.net.2``, ``norm1``, ``norm2``,
-``alpha_attn``, ``alpha_dense``). The gates are 1-element tensors, not the release's 0-d scalars, because
-FSDP2 cannot shard 0-d parameters; scalar gates in a state dict are upgraded on load.
+TS keeps the visual tokens of the attention output. Each output row depends only on its own query, so we
+compute queries for the visual tokens only (keys and values still run over ``[x, face]``): the same values,
+without the face tokens' queries, outputs and the slicing copy. Both gates start at 0, so a freshly
+attached adapter leaves the UNet unchanged. Parameter names are the official processor's (``linear``,
+``attn.to_q``..., ``ff.net.0.proj``, ``ff.net.2``, ``norm1``, ``norm2``, ``alpha_attn``, ``alpha_dense``).
+The gates are 1-element tensors, not the release's 0-d scalars, because FSDP2 cannot shard 0-d
+parameters; scalar gates in a state dict are upgraded on load.
 """
 
 from __future__ import annotations
@@ -28,11 +31,11 @@ class FaceCondition:
     """What the adapters need for one UNet call: identity tokens and the adapter scale a.
 
     embeddings: (B, T, cross_attention_dim), T = 16 per reference photo; a batch of 1 broadcasts.
-    scale: a float, or a (B,) tensor for a per-sample scale.
+    adapter_scale: a in Eq. 2; a float, or a (B,) tensor for a per-sample scale.
     """
 
     embeddings: torch.Tensor
-    scale: float | torch.Tensor = 1.0
+    adapter_scale: float | torch.Tensor = TRAINING_ADAPTER_SCALE
 
 
 class _SelfAttention(nn.Module):
@@ -44,10 +47,16 @@ class _SelfAttention(nn.Module):
         self.to_v = nn.Linear(dim, dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(dim, dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = (proj(x).view(b, n, self.heads, d // self.heads).transpose(1, 2) for proj in (self.to_q, self.to_k, self.to_v))
-        out = F.scaled_dot_product_attention(q, k, v)
+        return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Queries from ``x`` (B, N, C) only; keys and values over ``[x, context]`` (context: (1 or B, T, C))."""
+        b, n, d = x.shape
+        tokens = torch.cat([x, context.expand(b, -1, -1)], dim=1)
+        q = self._split_heads(self.to_q(x))
+        out = F.scaled_dot_product_attention(q, self._split_heads(self.to_k(tokens)), self._split_heads(self.to_v(tokens)))
         return self.to_out(out.transpose(1, 2).reshape(b, n, d))
 
 
@@ -101,15 +110,16 @@ class GatedFaceAttention(nn.Module):
         if face.shape[0] not in (1, x.shape[0]):
             raise ValueError(f"face embeddings have batch {face.shape[0]}, the UNet batch is {x.shape[0]}")
         # Compute in the adapter's own dtype: the frozen UNet may run in bf16/fp16 with an fp32 adapter.
-        h = x.to(self.linear.weight.dtype)
-        face = self.linear(face.to(h.dtype)).expand(h.shape[0], -1, -1)
-        scale = condition.scale
+        dtype = self.linear.weight.dtype
+        h = x.to(dtype)
+        scale = condition.adapter_scale
         if isinstance(scale, torch.Tensor):
             scale = scale.to(h).view(-1, 1, 1)
-        n_visual = h.shape[1]
-        # TS keeps the visual tokens: the face tokens only serve as keys and values.
-        attended = self.attn(self.norm1(torch.cat([h, face], dim=1)))[:, :n_visual]
-        out = h + scale * torch.tanh(self.alpha_attn) * attended
+        # LayerNorm is per token, so norm1([x, face]) = [norm1(x), norm1(face)]; the face tokens (16 per photo)
+        # are projected and normalised before being broadcast over the batch. They may come from a projection
+        # on another device (the UNet moved by pipe.to / offload hooks, the projection not): follow the weights.
+        context = self.norm1(self.linear(face.to(self.linear.weight.device, dtype)))
+        out = h + scale * torch.tanh(self.alpha_attn) * self.attn(self.norm1(h), context)
         out = out + scale * torch.tanh(self.alpha_dense) * self.ff(self.norm2(out))
         if self.sink is not None:
             self.sink[self.name] = (h, out - h)

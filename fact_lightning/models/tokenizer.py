@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import gzip
 import importlib.util
@@ -44,18 +45,18 @@ def _packaged_vocab_file() -> Path:
 
 
 @functools.cache
-def _tokenizer_files() -> Path:
+def _cached_tokenizer(model_max_length: int):
+    from transformers import CLIPTokenizer
+
     # transformers 4 reads vocab/merges from files, transformers 5 also accepts them: files work for both.
-    folder = Path(tempfile.mkdtemp(prefix="fact_clip_tokenizer_"))
+    # The folder lives only while the tokenizer reads it (it keeps everything in memory afterwards).
     vocab, merges = clip_vocab_and_merges()
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    return folder
+    with tempfile.TemporaryDirectory(prefix="fact_clip_tokenizer_") as folder:
+        (Path(folder) / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+        (Path(folder) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+        return CLIPTokenizer.from_pretrained(folder, model_max_length=model_max_length)
 
 
 def clip_tokenizer_from_open_clip(model_max_length: int = 77):
-    """A ``transformers.CLIPTokenizer`` equal to SD1.5's, built without any download."""
-    from transformers import CLIPTokenizer
-
-    folder = _tokenizer_files()
-    return CLIPTokenizer.from_pretrained(str(folder), model_max_length=model_max_length)
+    """A ``transformers.CLIPTokenizer`` equal to SD1.5's, built without any download (a private copy per call)."""
+    return copy.deepcopy(_cached_tokenizer(model_max_length))

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from torch import nn
 
 from ..models.base import BaseModel, load_base_model
 from ..tiny import tiny_base_model
@@ -18,13 +19,18 @@ FrozenDtype = Literal["float32", "bfloat16", "float16"]
 
 
 class BaseModelSpec:
-    """Interface: ``build() -> BaseModel`` (frozen) and ``describe() -> str`` for adapter metadata."""
+    """Interface: ``build() -> BaseModel`` (frozen), ``describe() -> str`` for adapter metadata, and
+    ``describe_vae() -> str``: the VAE's name as ``fact-data --vae`` records it (``manifest["vae"]["name"]``),
+    which training compares with the shards' cached latents."""
 
     def build(self) -> BaseModel:
         raise NotImplementedError
 
     def describe(self) -> str:
         raise NotImplementedError
+
+    def describe_vae(self) -> str:
+        return self.describe()
 
 
 class PretrainedBase(BaseModelSpec):
@@ -58,6 +64,10 @@ class PretrainedBase(BaseModelSpec):
     def describe(self) -> str:
         return self.source if self.revision is None else f"{self.source}@{self.revision}"
 
+    def describe_vae(self) -> str:
+        """The base model's folder or hub id (+ ``@revision``): its ``vae/`` is the VAE."""
+        return vae_name(self.source, self.revision)
+
 
 class TinyBase(BaseModelSpec):
     """Seeded random components with SD1.5's topology (16 adapted blocks), for CPU tests and demos.
@@ -74,8 +84,43 @@ class TinyBase(BaseModelSpec):
     def build(self) -> BaseModel:
         base = tiny_base_model(seed=self.seed, cross_attention_dim=self.cross_attention_dim)
         for module in base.frozen_modules():
-            module.to(_DTYPES[self.dtype])
+            nn.Module.to(module, _DTYPES[self.dtype])  # diffusers' .to warns about an empty fp32 list
         return base
 
     def describe(self) -> str:
         return f"tiny(seed={self.seed}, cross_attention_dim={self.cross_attention_dim})"
+
+    def describe_vae(self) -> str:
+        return tiny_vae_name(self.seed)  # the VAE does not depend on cross_attention_dim
+
+
+def tiny_vae_name(seed: int) -> str:
+    """The name of the tiny seeded VAE of ``tiny_base_model(seed)``."""
+    return f"tiny(seed={seed})"
+
+
+def vae_name(source: str, revision: str | None = None) -> str:
+    """The name of the VAE of an SD model folder or hub id, or of its ``vae/`` subfolder (the same VAE)."""
+    text = str(source).rstrip("/")
+    if text.endswith("/vae"):
+        text = text[: -len("/vae")]
+    return text if revision is None else f"{text}@{revision}"
+
+
+def spec_vae_name(base) -> str | None:
+    """``describe_vae()`` of a spec, or of the ``class_path``/``init_args`` that LightningCLI parsed for one
+    (``fact-train`` links ``model.base`` to ``data.vae`` through this; building a spec loads nothing)."""
+    if base is None:
+        return None
+    if isinstance(base, BaseModelSpec):
+        return base.describe_vae()
+    import importlib
+
+    from jsonargparse import Namespace
+
+    if isinstance(base, Namespace) and base.get("class_path"):
+        init = base.get("init_args")
+        kwargs = init.as_dict() if isinstance(init, Namespace) else dict(init or {})
+        module, _, name = base["class_path"].rpartition(".")
+        return getattr(importlib.import_module(module), name)(**kwargs).describe_vae()
+    return None

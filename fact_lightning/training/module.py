@@ -1,13 +1,15 @@
 """The FACT LightningModule: wires frozen SD1.5 parts, the adapter, the condition decisions and the losses.
 
-It computes nothing new itself: losses are in ``losses.py``, decisions in ``conditioning.py``, the adapter
-in ``models/``. Checkpoints hold only the adapter's weights (plus optimizer and callback state).
+It computes nothing new itself: losses are in ``losses.py``, decisions and the shuffle curriculum in
+``conditioning.py``, the adapter in ``models/``. Checkpoints hold only the adapter's weights (plus optimizer
+state, the curriculum and the skipped-step count).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import asdict
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -15,16 +17,23 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
-from .. import losses
-from ..conditioning import ConditionProbabilities, FaceChoice, decide, draw_normal, draw_timesteps, sample_generators
+from torch.distributed import ReduceOp
+
+from . import losses
+from .conditioning import (ConditionProbabilities, FaceChoice, ShuffleSchedule, decide, draw_normal, draw_timesteps,
+                            sample_generators)
+from ..errors import UserError
 from ..models.injection import FaceAdapter, mark_only_adapter_trainable
 from ..models.resampler import ResamplerConfig
+from ..models.sfags import TRAINING_ADAPTER_SCALE
 from ..models.unet_layout import depth_tag
 from .base_spec import BaseModelSpec
+from .nonfinite import NonFiniteTracker, TrainingDiverged
 
 log = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "adapter."
+LATENT_MEAN, LATENT_STD = "latent_mean", "latent_std"  # batch keys of cached VAE latents
 CHECKPOINT_VERSION = 1
 
 
@@ -34,13 +43,20 @@ class FactModule(pl.LightningModule):
     Args:
         base: which frozen SD1.5 parts (``TinyBase`` or ``PretrainedBase``), built in ``configure_model``.
         projection: the perceiver's sizes; its ``output_dim`` must be the UNet's cross-attention width.
-        optimizer, lr_scheduler: callables over the adapter's parameters (LightningCLI fills them).
+        optimizer, lr_scheduler: callables over the adapter's parameters (LightningCLI fills them). A fused
+            Adam/AdamW (``fused: true``) skips a non-finite step on the device, without a host sync.
         adapter_scale: a in Eq. 2 during training (1.0 in the paper).
-        p_shuffle: the initial shuffle probability (the curriculum callback updates it each step).
-        face_drop, text_drop: condition-drop probabilities; mask_loss_prob: p of M_r(p).
+        shuffle: the face-shuffle curriculum, evaluated at every optimizer step (0.2 -> 0.6 in the paper).
+        face_drop, text_drop: condition-drop probabilities; joint_drop: an extra probability of dropping both.
+        mask_loss_prob: p of M_r(p); mask_loss_normalize: ``all_pixels`` (the paper's plain norm) or
+            ``mask_area`` (a masked sample divided by its face area).
         fair_weight: lambda in Eq. 4.
         seed: seeds every per-sample draw together with the step and the sample key.
+        max_nonfinite_steps: stop the run (an error, no export) after this many consecutive non-finite steps.
+        check_base_on_resume: refuse a checkpoint that was trained on another base model.
         gradient_checkpointing: recompute the UNet's blocks in backward (less memory, ~30% slower).
+        channels_last: the frozen UNet and VAE in channels-last memory format (faster convolutions on GPUs).
+        compile: ``torch.compile`` the UNet (the adapter inside it compiles with it).
         adapter_dtype: the trainable weights' dtype (float64 only for numerical checks on CPU).
     """
 
@@ -50,30 +66,40 @@ class FactModule(pl.LightningModule):
         projection: ResamplerConfig = ResamplerConfig(),  # a frozen value object: the official sizes
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
-        adapter_scale: float = 1.0,
-        p_shuffle: float = 0.2,
+        adapter_scale: float = TRAINING_ADAPTER_SCALE,
+        shuffle: ShuffleSchedule = ShuffleSchedule(),  # a frozen value object
         face_drop: float = 0.1,
         text_drop: float = 0.1,
+        joint_drop: float = 0.0,
         mask_loss_prob: float = 0.5,
+        mask_loss_normalize: Literal["all_pixels", "mask_area"] = "all_pixels",
         fair_weight: float = 0.01,
         seed: int = 0,
+        max_nonfinite_steps: int = 10,
+        check_base_on_resume: bool = True,
         gradient_checkpointing: bool = False,
+        channels_last: bool = False,
+        compile: bool = False,
         adapter_dtype: Literal["float32", "float64"] = "float32",
     ):
         super().__init__()
         # Plain values only: checkpoints load with torch.load(weights_only=True).
-        self.save_hyperparameters(ignore=["base", "optimizer", "lr_scheduler", "projection"])
+        self.save_hyperparameters(ignore=["base", "optimizer", "lr_scheduler", "projection", "shuffle"])
         self.hparams["projection"] = projection.to_dict()
+        self.hparams["shuffle"] = asdict(shuffle)
         self.base_spec = base
         self.projection_config = projection
+        self.shuffle = shuffle
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
-        self.p_shuffle = p_shuffle
-        ConditionProbabilities(p_shuffle, face_drop, text_drop, mask_loss_prob)  # validates early
+        self.probabilities(0)  # validates the probabilities early
+        if max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         self.strict_loading = False  # frozen weights are not in our checkpoints; on_load_checkpoint checks strictly
         self.adapter: FaceAdapter | None = None
-        self.nonfinite_steps = 0
-        self._clock: float | None = None
+        self.nonfinite_steps = 0  # skipped steps of the whole run (checkpointed)
+        self._nonfinite = NonFiniteTracker()
+        self._throughput: tuple[float, int] | None = None  # (time, batches) at the last logging step
 
     # -- building --------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -87,6 +113,9 @@ class FactModule(pl.LightningModule):
         mark_only_adapter_trainable(self.unet, self.adapter, self.vae, self.text_encoder)
         if self.hparams.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
+        if self.hparams.channels_last:
+            for module in (self.unet, self.vae):  # nn.Module.to: diffusers' own .to warns about an empty fp32 list
+                torch.nn.Module.to(module, memory_format=torch.channels_last)
         self.depth = {s.path: depth_tag(s, self.unet.config) for s in self.adapter.sites}
         if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2 over the data-parallel mesh
             from torch.distributed.fsdp import fully_shard
@@ -95,6 +124,8 @@ class FactModule(pl.LightningModule):
             for block in self.adapter.blocks.values():
                 fully_shard(block, mesh=mesh)
             fully_shard(self.adapter.projection, mesh=mesh)
+        if self.hparams.compile:
+            self.unet.compile()  # in place: the module, its paths and the adapter's hooks stay as they are
         log.info("adapter: %d blocks, %.2fM trainable parameters", len(self.adapter.sites),
                  sum(p.numel() for p in self.adapter.parameters()) / 1e6)
 
@@ -103,6 +134,7 @@ class FactModule(pl.LightningModule):
         if self.adapter is not None:  # frozen parts stay in eval mode (no dropout, fixed norms)
             for module in (self.unet, self.vae, self.text_encoder):
                 module.eval()
+            self.adapter.train(mode)  # its blocks sit inside the UNet, which was just set to eval
         return self
 
     def configure_optimizers(self):
@@ -111,10 +143,11 @@ class FactModule(pl.LightningModule):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
-    @property
-    def probabilities(self) -> ConditionProbabilities:
+    def probabilities(self, step: int) -> ConditionProbabilities:
+        """The condition probabilities at optimizer step ``step`` (p_shuffle from the curriculum)."""
         hp = self.hparams
-        return ConditionProbabilities(self.p_shuffle, hp.face_drop, hp.text_drop, hp.mask_loss_prob)
+        return ConditionProbabilities(self.shuffle.value(max(step, 0)), hp.face_drop, hp.text_drop, hp.mask_loss_prob,
+                                      hp.joint_drop)
 
     # -- the step --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -131,14 +164,27 @@ class FactModule(pl.LightningModule):
         null = self.adapter.null_embedding(1, tokens.shape[1])
         return torch.where((face == FaceChoice.DROPPED).view(-1, 1, 1), null.expand_as(embeddings), embeddings)
 
+    def latent_distribution(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE's latent distribution for the batch's crops: cached in the shards when they
+        hold ``latent_mean``/``latent_std`` (``fact-data`` with a VAE), else computed by the frozen VAE."""
+        if LATENT_MEAN in batch:
+            mean = batch[LATENT_MEAN].to(self.device, self.vae.dtype)
+            return mean, batch[LATENT_STD].to(self.device, self.vae.dtype)
+        dist = self.vae.encode(batch["pixels"].to(self.vae.dtype)).latent_dist
+        return dist.mean, dist.std
+
     def compute_losses(self, batch: dict, step: int) -> dict:
-        """Loss terms for one batch; every random draw from per-sample generators keyed by (seed, step, key)."""
+        """Loss terms for one batch; every random draw from per-sample generators keyed by (seed, step, key).
+
+        A negative ``step`` (validation) gives fixed draws and the curriculum's starting p_shuffle.
+        """
         generators = sample_generators(self.hparams.seed, step, list(batch["key"]))
-        decisions = decide(generators, self.probabilities, batch.get("shuffle_available"))
+        probabilities = self.probabilities(step)
+        decisions = decide(generators, probabilities, batch.get("shuffle_available"))
         with torch.no_grad():
-            dist = self.vae.encode(batch["pixels"].to(self.vae.dtype)).latent_dist
-            eps = draw_normal(generators, tuple(dist.mean.shape[1:])).to(dist.mean)
-            latents = (dist.mean + dist.std * eps) * self.vae.config.scaling_factor
+            mean, std = self.latent_distribution(batch)
+            eps = draw_normal(generators, tuple(mean.shape[1:])).to(mean)
+            latents = (mean + std * eps) * self.vae.config.scaling_factor
             latents = latents.to(torch.promote_types(latents.dtype, torch.float32))
             captions = ["" if drop else c for c, drop in zip(batch["caption"], decisions.drop_text.tolist())]
             text = self.encode_text(captions)
@@ -158,25 +204,61 @@ class FactModule(pl.LightningModule):
             fair = losses.fair_per_block(records, batch["mask"], latent_hw)
         mask_latent = F.interpolate(batch["mask"].to(latents.dtype), size=latent_hw, mode="area")
         weight = losses.random_loss_masks(mask_latent, decisions.use_mask)
-        diffusion = losses.masked_diffusion_loss(pred, target, weight).mean()
+        diffusion = losses.masked_diffusion_loss(pred, target, weight, self.hparams.mask_loss_normalize).mean()
         fair_means = {path: value.mean() for path, value in fair.items()}
         fair_total = torch.stack(list(fair_means.values())).sum()
         weight_fair = self.hparams.fair_weight
         total = diffusion + weight_fair * fair_total if weight_fair > 0 else diffusion
         return {"loss": total, "diffusion": diffusion, "fair_total": fair_total, "fair": fair_means,
-                "decisions": decisions, "records": records}
+                "decisions": decisions, "records": records, "p_shuffle": probabilities.p_shuffle}
 
     def training_step(self, batch: dict, batch_idx: int):
         out = self.compute_losses(batch, self.global_step)
-        finite = bool(torch.isfinite(out["loss"]).item())
-        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            self.nonfinite_steps += 1
-            log.warning("non-finite loss at step %d (%s); skipping this step (%d skipped)",
-                        self.global_step, out["loss"].item(), self.nonfinite_steps)
-            self.log("train/nonfinite_skipped", float(self.nonfinite_steps))
+        # Every rank must agree to skip: a step is finite only if it is finite on all ranks (a device op).
+        finite = self.trainer.strategy.reduce(torch.isfinite(out["loss"].detach()).float(), reduce_op=ReduceOp.MIN)
+        self._nonfinite.update(finite)
+        logging_step = self._is_logging_step()
+        if self._skips_on_device():
+            # The fused optimizer reads this flag and leaves weights and moments alone on a non-finite step;
+            # the host learns of skipped steps only at logging steps.
+            self.optimizers().optimizer.found_inf = 1.0 - finite
+            if logging_step:
+                self._check_nonfinite()
+        elif not bool(finite):  # other optimizers: a host sync, and the step is skipped here
+            self._check_nonfinite()
             return None
-        self._log_step(batch, out)
+        if logging_step:
+            self._log_step(batch, out)
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=len(batch["key"]))
         return out["loss"]
+
+    def _skips_on_device(self) -> bool:
+        optimizer = self.optimizers().optimizer
+        return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and bool(optimizer.defaults.get("fused"))
+
+    def _check_nonfinite(self) -> None:
+        """Host side of the non-finite bookkeeping: count, warn, and stop a diverged run."""
+        skipped, worst = self._nonfinite.collect()
+        if skipped:
+            self.nonfinite_steps += skipped
+            log.warning("non-finite loss: %d step(s) skipped before step %d (%d in this run)", skipped,
+                        self.global_step, self.nonfinite_steps)
+            self.log("train/nonfinite_skipped", float(self.nonfinite_steps))
+        if worst >= self.hparams.max_nonfinite_steps:
+            raise TrainingDiverged(
+                f"training diverged: {worst} consecutive non-finite steps (max_nonfinite_steps="
+                f"{self.hparams.max_nonfinite_steps}) by step {self.global_step}; no adapter was exported. "
+                "Lower the learning rate, check the data (fact-data inspect), or resume from an earlier checkpoint")
+
+    def _is_logging_step(self) -> bool:
+        """Whether Lightning writes this step's logged values to the loggers.
+
+        Lightning's own rule (its logger connector's ``should_update_logs``); values logged on other steps
+        would be written at its next logging step, under the wrong step.
+        """
+        if self._trainer is None:
+            return False
+        return self.trainer._logger_connector.should_update_logs
 
     def validation_step(self, batch: dict, batch_idx: int):
         out = self.compute_losses(batch, step=-1 - batch_idx)  # fixed draws: comparable across validations
@@ -187,18 +269,11 @@ class FactModule(pl.LightningModule):
 
     # -- logging ---------------------------------------------------------------------------------------
     def _log_step(self, batch: dict, out: dict) -> None:
+        """Everything but the loss, logged only at Lightning's logging steps (one host sync there)."""
         size = len(batch["key"])
-        now = time.perf_counter()
-        if self._clock is not None:
-            self.log("perf/samples_per_sec", size * self.trainer.world_size / (now - self._clock), batch_size=size)
-        self._clock = now
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=size)
-        every = max(self.trainer.log_every_n_steps, 1) if self._trainer is not None else 1
-        if self.global_step % every:
-            return
         self.log("train/diffusion", out["diffusion"], batch_size=size)
         self.log("train/fair_total", out["fair_total"], batch_size=size)
-        self.log("curriculum/p_shuffle", self.p_shuffle, batch_size=size)
+        self.log("curriculum/p_shuffle", out["p_shuffle"], batch_size=size)
         for name, value in out["decisions"].fractions().items():
             self.log(f"conditions/{name}", value, batch_size=size)
         if "data_errors" in batch:
@@ -208,13 +283,19 @@ class FactModule(pl.LightningModule):
         for path, (attn, ff) in self.gate_values().items():
             self.log(f"gate_attn/{self.depth[path]}/{path}", attn, batch_size=size)
             self.log(f"gate_ff/{self.depth[path]}/{path}", ff, batch_size=size)
+        batches = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+        now = time.perf_counter()
+        if self._throughput is not None and batches > self._throughput[1]:
+            samples = (batches - self._throughput[1]) * size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+            self.log("perf/samples_per_sec", samples / (now - self._throughput[0]), batch_size=size)
+        self._throughput = (now, batches)
 
     def gate_values(self) -> dict[str, tuple[float, float]]:
         """tanh of each block's two gates (gathers sharded parameters: call on every rank under FSDP)."""
         out = {}
         for site in self.adapter.sites:
             block = self.adapter.blocks[site.key]
-            out[site.path] = tuple(torch.tanh(_full(p)).item() for p in (block.alpha_attn, block.alpha_dense))
+            out[site.path] = tuple(torch.tanh(_full(p).detach()).item() for p in (block.alpha_attn, block.alpha_dense))
         return out
 
     # -- checkpoints: trainable weights only, strict keys -------------------------------------------------
@@ -226,7 +307,7 @@ class FactModule(pl.LightningModule):
         if state is not None:
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
         checkpoint["fact"] = {"version": CHECKPOINT_VERSION, "base": self.base_spec.describe(),
-                              "nonfinite_steps": self.nonfinite_steps}
+                              "nonfinite_steps": self.nonfinite_steps, "shuffle": asdict(self.shuffle)}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("fact") or {}
@@ -237,6 +318,14 @@ class FactModule(pl.LightningModule):
             raise RuntimeError(
                 f"checkpoint does not match the adapter: missing {sorted(want - got)[:5]}, unexpected {sorted(got - want)[:5]}"
             )
+        base = self.base_spec.describe()
+        if self.hparams.check_base_on_resume and meta.get("base") not in (None, base):
+            raise UserError(f"the checkpoint was trained on base model {meta['base']!r}, this run uses {base!r}; "
+                            "resume with the same base, or pass --model.check_base_on_resume false to go on anyway")
+        saved = meta.get("shuffle")
+        if saved is not None and saved != asdict(self.shuffle):
+            log.warning("the shuffle curriculum changed since the checkpoint (%s -> %s); continuing with the new one",
+                        saved, asdict(self.shuffle))
         self.nonfinite_steps = meta.get("nonfinite_steps", 0)
 
     def full_adapter_state(self) -> dict[str, torch.Tensor]:

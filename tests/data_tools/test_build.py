@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from data_tools.build import plan_shards, run_build, split_groups
+from data_tools.build import run_build
+from data_tools.plan import plan_shards, split_groups
 from data_tools.dataset import iter_images
 from fact_lightning.interop.official import RANDOM_ENCODER_WARNING
 from data_tools.sources import discover
 from dt_helpers import RAW, build_opts
-from fact_lightning.data import schema
+from fact_lightning.data import schema, shards
 
 
 def _identities(root: Path) -> set[str]:
@@ -27,7 +28,7 @@ def test_manifest_counts_add_up(built):
     assert c["found"] == sum(1 for p in RAW.rglob("*") if p.is_file())
     assert c["accepted"] + c["rejected"] == c["found"]
     assert manifest["rejects_by_reason"] == {"no_face": 1}  # df_4/img61.jpg: mediapipe misses it
-    rejects = [json.loads(x) for x in (out / schema.REJECTS_NAME).read_text().splitlines()]
+    rejects = [json.loads(x) for x in (out / shards.REJECTS_NAME).read_text().splitlines()]
     assert rejects == [{"source": "df_4/img61.jpg", "identity": "df_4", "reason": "no_face", "detail": ""}]
     assert sum(s["images"] for s in manifest["shards"]) == c["accepted"]
     assert sum(s["samples"] for s in manifest["shards"]) == c["samples"]
@@ -106,7 +107,7 @@ def test_resume_skips_finished_shards_and_redoes_changed_ones(built, raw_copy, t
     first = run_build(opts)
     assert first["resumed_shards"] == 0
     second = run_build(opts)
-    assert second["resumed_shards"] == len(plan_shards(discover(raw_copy)[0], 4))
+    assert second["resumed_shards"] == len(plan_shards(discover(raw_copy).items, 4))
     assert second["shards"] == first["shards"]
     # A sidecar caption changes one identity's plan: only that shard is rebuilt.
     (raw_copy / "fr_obama" / "1.txt").write_text("a portrait of the president\n")
@@ -136,9 +137,9 @@ def test_nested_folders_and_sidecars(tmp_path):
     (src / "alice" / "2020" / "summer").mkdir(parents=True)
     (src / "alice" / "2020" / "summer" / "a.jpg").write_bytes((RAW / "df_1" / "img5.jpg").read_bytes())
     (src / "alice" / "2020" / "summer" / "a.jpg.txt").write_text("alice at the beach")
-    items, orphans = discover(src)
-    assert [(i.identity, i.source, i.caption) for i in items] == [("alice", "alice/2020/summer/a.jpg", "alice at the beach")]
-    assert orphans == []
+    found = discover(src)
+    assert [(i.identity, i.source, i.caption) for i in found.items] == [("alice", "alice/2020/summer/a.jpg", "alice at the beach")]
+    assert found.skipped == []
 
 
 def test_missing_weights_stop_with_clear_message(tmp_path):
@@ -151,12 +152,12 @@ def test_missing_weights_stop_with_clear_message(tmp_path):
 def test_split_groups_and_plan():
     assert [len(r) for r in split_groups(17, 8)] == [6, 5, 6]
     assert [len(r) for r in split_groups(3, 16)] == [3]
-    items = discover(RAW)[0]
+    items = discover(RAW).items
     plan = plan_shards(items, 4)
-    assert sum(len(s) for s in plan) == len(items)
+    assert sum(len(s.items) for s in plan) == len(items)
     for shard in plan:  # identities never split across shards
-        ids = {i.identity for i in shard}
-        assert all(sum(1 for s in plan if any(i.identity == name for i in s)) == 1 for name in ids)
+        ids = {i.identity for i in shard.items}
+        assert all(sum(1 for s in plan if any(i.identity == name for i in s.items)) == 1 for name in ids)
 
 
 def test_unexpected_error_in_one_photo_becomes_a_reject(tmp_path, monkeypatch):

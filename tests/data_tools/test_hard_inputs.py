@@ -20,7 +20,7 @@ from fact_lightning.faces import reference as face_policy
 from data_tools.build import run_build
 from data_tools.records import ImageRecord, Reject, RecordOptions, process_item
 from data_tools.sources import SourceItem
-from fact_lightning.data import schema
+from fact_lightning.data import shards
 
 from dt_helpers import EDGE, FACE_PHOTO, RAW, build_opts
 
@@ -180,7 +180,7 @@ def test_build_over_all_hard_inputs_accounts_for_everything(tmp_path, face):
     assert c["found"] == len(accepted) + len(rejected) + 1
     assert c["accepted"] + c["rejected"] == c["found"]
     assert c["accepted"] == len(accepted)
-    lines = [json.loads(x) for x in (tmp_path / "out" / schema.REJECTS_NAME).read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "out" / shards.REJECTS_NAME).read_text().splitlines()]
     assert len(lines) == c["rejected"]
     by_source = {r["source"]: r["reason"] for r in lines}
     assert by_source["loose.jpg"] == records.NO_IDENTITY

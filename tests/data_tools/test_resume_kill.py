@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from data_tools.dataset import inspect_dataset
-from fact_lightning.data import schema
+from fact_lightning.data import shards
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def test_killed_build_resumes_to_identical_shards(raw_copy, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert not (out / schema.MANIFEST_NAME).exists(), "the build finished before it could be killed"
+    assert not (out / shards.MANIFEST_NAME).exists(), "the build finished before it could be killed"
     finished_before = {p.name for p in out.glob("*.stats.json")}
     assert not inspect_dataset(out).ok  # no manifest: reported as unfinished
 
@@ -50,6 +50,6 @@ def test_killed_build_resumes_to_identical_shards(raw_copy, tmp_path):
     done = subprocess.run(_cmd(raw_copy, clean), capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert _shards(out) == _shards(clean) and len(_shards(clean)) == 5
-    assert (out / schema.REJECTS_NAME).read_text() == (clean / schema.REJECTS_NAME).read_text()
+    assert (out / shards.REJECTS_NAME).read_text() == (clean / shards.REJECTS_NAME).read_text()
     assert not list(out.glob("*.tmp"))
     assert inspect_dataset(out).ok

@@ -1,4 +1,4 @@
-from fact_lightning.data import schema
+from fact_lightning.data import schema, shards
 
 
 def test_split_group_orders_images_and_strips_prefixes():
@@ -12,6 +12,6 @@ def test_split_group_orders_images_and_strips_prefixes():
 
 def test_image_key_and_constants():
     assert schema.image_key(3, schema.CROP) == "03.crop.jpg"
-    assert schema.SHARD_PATTERN.format(index=7) == "shard-000007.tar"
+    assert shards.shard_name(7) == "shard-000007.tar" and shards.stats_name(7) == "shard-000007.stats.json"
     assert len(schema.LANDMARK_ORDER) == 5 and schema.TOKENS_DTYPE == "float16"
     assert len(set(schema.META_KEYS)) == len(schema.META_KEYS)

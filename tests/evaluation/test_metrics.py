@@ -81,23 +81,30 @@ def test_face_similarity_dlib_ranks_the_same_person_higher(detector):
     assert identical > same > other
 
 
-def test_evaluate_command_writes_json_and_tensorboard(tmp_path, capsys):
+def test_evaluate_command_writes_json_and_tensorboard(tmp_path):
     import shutil
 
-    from fact_lightning.evaluation.cli import main
+    from tests.inference.cli_runner import NOISE, assert_one_error, run_cli
 
     ids = tmp_path / "ids"
     shutil.copytree(FACES / "fr_obama", ids / "fr_obama")
     out = tmp_path / "eval"
-    argv = ["--tiny", "--identities", str(ids), "--prompt", "a photo of {subject}", "--prompt", "a painting of {subject}",
-            "--subject", "a man", "--steps", "2", "--height", "64", "--width", "64", "--out", str(out)]
-    assert main(argv) == 0
+    result = run_cli("fact-evaluate", "--tiny", "--identities", ids, "--prompt", "a photo of {subject}",
+                     "--prompt", "a painting of {subject}", "--subject", "a man", "--steps", "2", "--height", "64",
+                     "--width", "64", "--out", out)
+    assert result.returncode == 0, result.stderr
     report = json.loads((out / "metrics.json").read_text())
     m = report["metrics"]
     assert set(m) == {"clip_t", "clip_t_base", "clip_t_drop", "clip_i", "face_sim", "face_detect_rate", "clip_style", "fid"}
     assert m["clip_t_drop"] == pytest.approx(m["clip_t_base"] - m["clip_t"])
+    assert json.loads(result.stdout) == m  # the metrics are the command's result on stdout
     assert report["counts"] == {"identities": 1, "prompts": 2, "seeds": 1, "images": 2}
+    assert report["settings"]["guidance_scale"] == 7.0 and report["settings"]["adapter_scale"] == 0.5
+    assert report["settings"]["sources"]["scheduler"] == "pndm"
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert len(list((out / "images" / "fr_obama").glob("*.png"))) == 4
-    assert main(["--identities", str(ids), "--prompt", "a", "--out", str(out)]) == 2
-    assert "no CLIP model given" in capsys.readouterr().err
+    assert not any(n in result.stderr for n in NOISE) and result.stderr.count("RANDOM") == 1, result.stderr
+
+    missing = run_cli("fact-evaluate", "--identities", ids, "--prompt", "a", "--out", tmp_path / "o2")
+    assert_one_error(missing, "no CLIP model given")
+    assert not (tmp_path / "o2").exists()

@@ -21,7 +21,7 @@ def test_lora_changes_the_output_and_the_adapter_still_acts(tiny_base, make_gene
     before = gen("a photo", identity, seed=0, **FAST)[0]
     gen.load_lora(lora, weight=1.0)
     with_lora = gen("a photo", identity, seed=0, **FAST)[0]
-    with_lora_no_face = gen("a photo", identity, scale=0.0, seed=0, **FAST)[0]
+    with_lora_no_face = gen("a photo", identity, adapter_scale=0.0, seed=0, **FAST)[0]
     half_lora = gen("a photo", identity, seed=0, lora_scale=0.5, **FAST)[0]
     assert _diff(with_lora, before) > 1e-3
     assert _diff(with_lora, with_lora_no_face) > 1e-3
@@ -37,7 +37,7 @@ def test_controlnet_changes_the_output_and_the_adapter_still_acts(_tiny_base_ses
     pose[16:48, 30:34] = 255
     pose[24:28, 16:48] = 255
     on = gen("a photo", identity, control_image=Image.fromarray(pose), seed=0, **FAST)[0]
-    off = gen("a photo", identity, control_image=Image.fromarray(pose), scale=0.0, seed=0, **FAST)[0]
+    off = gen("a photo", identity, control_image=Image.fromarray(pose), adapter_scale=0.0, seed=0, **FAST)[0]
     weak = gen("a photo", identity, control_image=Image.fromarray(pose), controlnet_conditioning_scale=0.0, seed=0, **FAST)[0]
     assert _diff(on, plain) > 1e-3  # the ControlNet steers the image
     assert np.allclose(weak, plain, atol=1e-5)  # at conditioning scale 0 it is the text-to-image result
@@ -56,8 +56,8 @@ def test_inpainting_regenerates_only_the_face_region(tiny_base, make_generator, 
     inside = mask >= 128
     assert 0.05 < inside.mean() < 0.8
     args = dict(image=Image.fromarray(template), mask_image=Image.fromarray(mask), seed=0, **FAST)
-    on = gen("a photo", identity, scale=0.5, **args)[0]
-    off = gen("a photo", identity, scale=0.0, **args)[0]
+    on = gen("a photo", identity, adapter_scale=0.5, **args)[0]
+    off = gen("a photo", identity, adapter_scale=0.0, **args)[0]
     t = template / 255.0
     assert np.abs(on - t)[~inside].max() < 1e-6  # the template outside the face region, untouched
     assert np.abs(on - t)[inside].mean() > 0.05  # the face region regenerated

@@ -10,6 +10,7 @@ from fact_lightning.interop.official import export_fact_checkpoint, load_fact_ch
 from fact_lightning.models.face_encoder import build_transface
 from fact_lightning.models.injection import FaceAdapter
 from fact_lightning.models.resampler import ResamplerConfig
+from fact_lightning.models.unet_layout import transformer_block_sites
 from tests.conftest import TINY_TOKEN_DIM, tiny_projection_config
 from tests.models.test_resampler import official_resampler
 
@@ -92,7 +93,7 @@ def test_adapter_matches_the_official_computation(tiny_unet, official_file, unet
         adapter = load_fact_checkpoint(official_file, tiny_unet)
         embedding = adapter.project(tokens)
         ours = tiny_unet(unet_inputs["sample"], unet_inputs["timestep"], encoder_hidden_states=unet_inputs["encoder_hidden_states"],
-                         cross_attention_kwargs=adapter.condition(embedding, scale=scale)).sample
+                         cross_attention_kwargs=adapter.condition(embedding, adapter_scale=scale)).sample
     assert torch.allclose(embedding, expected_embedding, atol=1e-5)
     assert torch.allclose(ours, expected, atol=1e-4), (ours - expected).abs().max()
 
@@ -102,7 +103,7 @@ def test_scale_zero_equals_the_unet_without_adapters(tiny_unet, official_file, u
     with torch.no_grad():
         plain = tiny_unet(unet_inputs["sample"], unet_inputs["timestep"], encoder_hidden_states=unet_inputs["encoder_hidden_states"]).sample
         zero = tiny_unet(unet_inputs["sample"], unet_inputs["timestep"], encoder_hidden_states=unet_inputs["encoder_hidden_states"],
-                         cross_attention_kwargs=adapter.condition(adapter.null_embedding(2), scale=0.0)).sample
+                         cross_attention_kwargs=adapter.condition(adapter.null_embedding(2), adapter_scale=0.0)).sample
     assert torch.equal(plain, zero)
 
 
@@ -143,9 +144,18 @@ def test_damaged_and_mismatched_files_are_clear_errors(tiny_unet, official_file,
     with pytest.raises(ValueError, match=r"1 missing keys .*up_blocks.3.attentions.2"):
         load_fact_checkpoint(tmp_path / "missing.ckpt", copy.deepcopy(tiny_unet))
 
-    torch.save({**state, "some.other.weight": torch.zeros(1)}, tmp_path / "extra.ckpt")
-    with pytest.raises(ValueError, match=r"1 unexpected keys .*some.other.weight"):
-        load_fact_checkpoint(tmp_path / "extra.ckpt", copy.deepcopy(tiny_unet))
+    wrong_shape = dict(state)
+    key = "mid_block.attentions.0.transformer_blocks.0.attn2.processor.attn.to_k.weight"
+    wrong_shape[key] = wrong_shape[key][:, :-1]
+    torch.save(wrong_shape, tmp_path / "shape.ckpt")
+    with pytest.raises(ValueError, match=r"(?s)does not fit this UNet.*to_k"):
+        load_fact_checkpoint(tmp_path / "shape.ckpt", copy.deepcopy(tiny_unet))
+    wrong_norm = dict(state)
+    key = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.processor.ln.weight"
+    wrong_norm[key] = torch.ones(7)
+    torch.save(wrong_norm, tmp_path / "norm.ckpt")
+    with pytest.raises(ValueError, match=r"(?s)does not fit this UNet.*ln.weight"):
+        load_fact_checkpoint(tmp_path / "norm.ckpt", copy.deepcopy(tiny_unet))
 
     torch.save({k: v for k, v in state.items() if not k.startswith("local_fac_prj.")}, tmp_path / "noprj.ckpt")
     with pytest.raises(ValueError, match="face projection"):
@@ -182,3 +192,58 @@ def test_transface_loads_strictly_from_an_official_state_dict(tmp_path):
         load_transface(tmp_path / "transface.pt", **{**arch, "depth": 3})
     with pytest.raises(FileNotFoundError, match="ms1mv2_model_TransFace_S.pt"):
         load_transface(tmp_path / "ms1mv2_model_TransFace_S.pt")
+
+
+def test_keys_the_adapter_does_not_use_are_ignored_with_a_warning(tiny_unet, official_file, tmp_path, unet_inputs, caplog):
+    """The official loader keeps only ``processor`` / ``local_fac_prj`` keys (non-strictly): extras must not stop us."""
+    state = torch.load(official_file, weights_only=True)
+    extras = {
+        "some.other.weight": torch.zeros(1),
+        "global_fac_prj.proj.weight": torch.zeros(3, 3),
+        "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_q.weight": torch.zeros(2),
+        "mid_block.attentions.0.transformer_blocks.0.attn2.processor.extra_scale": torch.zeros(()),
+        "up_blocks.1.attentions.0.transformer_blocks.0.attn2.processor.ln.running_mean": torch.zeros(64),
+    }
+    torch.save({**state, **extras}, tmp_path / "extra.ckpt")
+    with caplog.at_level("WARNING", logger="fact_lightning.interop.official"):
+        adapter = load_fact_checkpoint(tmp_path / "extra.ckpt", copy.deepcopy(tiny_unet))
+    assert "ignoring 5 key(s)" in caplog.text and "some.other.weight" in caplog.text
+    reference = load_fact_checkpoint(official_file, tiny_unet)
+    assert adapter.state_dict().keys() == reference.state_dict().keys()
+    assert all(torch.equal(v, reference.state_dict()[k]) for k, v in adapter.state_dict().items())
+    again = torch.load(export_fact_checkpoint(adapter, tmp_path / "again.ckpt"), weights_only=True)
+    assert again.keys() == state.keys()  # the extras are not carried into our exports
+
+
+def test_export_writes_norm2_at_the_base_precision_after_a_bf16_cast(tiny_unet, tmp_path):
+    """A float32 base, attached, then frozen in bf16 (the training config): ``ln.*`` keeps the float32 values."""
+    with torch.no_grad():  # norm2 values that bf16 cannot hold exactly
+        for site in transformer_block_sites(tiny_unet):
+            norm2 = tiny_unet.get_submodule(site.path).norm2
+            norm2.weight.copy_(1 + 1e-3 * torch.randn_like(norm2.weight))
+            norm2.bias.copy_(1e-3 * torch.randn_like(norm2.bias))
+    torch.manual_seed(0)
+    adapter = FaceAdapter.for_unet(tiny_unet, tiny_projection_config())
+    fp32 = {f"{s.official_processor}.ln.{k}": v.clone() for s in adapter.sites
+            for k, v in tiny_unet.get_submodule(s.path).norm2.state_dict().items()}
+    tiny_unet.to(torch.bfloat16)
+    assert tiny_unet.get_submodule(adapter.sites[0].path).norm2.weight.dtype == torch.bfloat16
+    exported = torch.load(export_fact_checkpoint(adapter, tmp_path / "bf16.ckpt"), weights_only=True)
+    assert len(fp32) == 32
+    for key, value in fp32.items():
+        assert exported[key].dtype == torch.float32 and torch.equal(exported[key], value), key
+        assert not torch.equal(exported[key].bfloat16().float(), value)  # the bf16 UNet could not have given it
+    # Reloaded on the bf16 UNet, the file's float32 values are remembered and exported again unchanged.
+    adapter.detach()
+    reloaded = load_fact_checkpoint(tmp_path / "bf16.ckpt", tiny_unet)
+    again = torch.load(export_fact_checkpoint(reloaded, tmp_path / "again.ckpt"), weights_only=True)
+    assert all(torch.equal(again[k], v) for k, v in fp32.items())
+    # A norm2 changed after attaching (not just cast) is exported as it now is.
+    reloaded.detach()
+    block = tiny_unet.get_submodule(adapter.sites[0].path)
+    reloaded.attach(tiny_unet)
+    with torch.no_grad():
+        block.norm2.weight.fill_(2.0)
+    changed = torch.load(export_fact_checkpoint(reloaded, tmp_path / "changed.ckpt"), weights_only=True)
+    ln_weight = changed[f"{adapter.sites[0].official_processor}.ln.weight"]
+    assert ln_weight.dtype == torch.bfloat16 and bool((ln_weight == 2.0).all())

@@ -61,9 +61,9 @@ def test_scale_zero_equals_the_base_unet_and_open_gates_change_it(tiny_unet, une
         adapter = _adapter(tiny_unet)
         _open_gates(adapter)
         face = _face(adapter, 2)
-        assert torch.equal(run(tiny_unet, unet_inputs, cross_attention_kwargs=adapter.condition(face, scale=0.0)), base)
-        full = run(tiny_unet, unet_inputs, cross_attention_kwargs=adapter.condition(face, scale=1.0))
-        half = run(tiny_unet, unet_inputs, cross_attention_kwargs=adapter.condition(face, scale=0.5))
+        assert torch.equal(run(tiny_unet, unet_inputs, cross_attention_kwargs=adapter.condition(face, adapter_scale=0.0)), base)
+        full = run(tiny_unet, unet_inputs, cross_attention_kwargs=adapter.condition(face, adapter_scale=1.0))
+        half = run(tiny_unet, unet_inputs, cross_attention_kwargs=adapter.condition(face, adapter_scale=0.5))
     assert (full - base).abs().max() > 1e-3
     assert 0 < (half - base).abs().max() < (full - base).abs().max()
 
@@ -105,7 +105,7 @@ def test_mixed_batch_matches_per_sample_calls(tiny_unet, unet_inputs):
         # Several reference photos: 16 tokens each, concatenated.
         two_photos = torch.cat([face, _face(adapter, 1, seed=5)], dim=1)
         assert run(tiny_unet, unet_inputs, cross_attention_kwargs=adapter.condition(two_photos)).shape == mixed.shape
-        per_sample = run(tiny_unet, unet_inputs, cross_attention_kwargs=adapter.condition(face, scale=torch.tensor([1.0, 0.0])))
+        per_sample = run(tiny_unet, unet_inputs, cross_attention_kwargs=adapter.condition(face, adapter_scale=torch.tensor([1.0, 0.0])))
         base = run(tiny_unet, unet_inputs)
     assert torch.equal(per_sample[1], base[1]) and not torch.allclose(per_sample[0], base[0])
 
@@ -159,8 +159,11 @@ def test_optimiser_steps_train_only_the_adapter(tiny_base, unet_inputs):
     moved = {k for k in second if not torch.equal(second[k], first[k])}
     assert any(k.startswith("projection.") for k in moved)
     assert any(".attn.to_q." in k for k in moved) and any(".ff.net.2." in k for k in moved)
-    assert all(p.grad is None for p in unet.parameters())
-    assert all(not p.requires_grad for m in tiny_base.frozen_modules() for p in m.parameters())
+    # The attached blocks are registered in the UNet (they move with it), so its parameters include theirs.
+    adapter_params = {id(p) for p in adapter.parameters()}
+    assert {id(p) for p in unet.parameters()} & adapter_params == {id(p) for p in adapter.blocks.parameters()}
+    base_params = [p for m in tiny_base.frozen_modules() for p in m.parameters() if id(p) not in adapter_params]
+    assert base_params and all(p.grad is None and not p.requires_grad for p in base_params)
     assert all(torch.equal(v, frozen_before[k]) for k, v in unet.state_dict().items())
 
 
@@ -185,9 +188,12 @@ def test_batch_mismatch_is_a_clear_error(tiny_unet, unet_inputs):
 
 
 def test_condition_carries_the_lora_scale_under_diffusers_key():
-    kwargs = FaceAdapter.condition(torch.zeros(1, 16, 32), scale=0.5, lora_scale=0.8, other=1)
-    assert kwargs["scale"] == 0.8 and kwargs["other"] == 1 and kwargs["fact"].scale == 0.5
-    assert "scale" not in FaceAdapter.condition(torch.zeros(1, 16, 32), 0.5)
+    kwargs = FaceAdapter.condition(torch.zeros(1, 16, 32), adapter_scale=0.5, lora_scale=0.8, other=1)
+    assert kwargs["scale"] == 0.8 and kwargs["other"] == 1 and kwargs["fact"].adapter_scale == 0.5
+    positional = FaceAdapter.condition(torch.zeros(1, 16, 32), 0.5)
+    assert "scale" not in positional and positional["fact"].adapter_scale == 0.5
+    with pytest.raises(TypeError, match="adapter_scale"):  # the old keyword must not silently become the LoRA scale
+        FaceAdapter.condition(torch.zeros(1, 16, 32), scale=0.5)
 
 
 def test_fp32_adapter_on_a_bf16_unet(tiny_unet, unet_inputs):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fact_lightning.conditioning import (
+from fact_lightning.training.conditioning import (
     ConditionProbabilities, FaceChoice, decide, draw_normal, sample_generators, sample_seed,
 )
 
@@ -49,3 +49,18 @@ def test_shuffle_needs_another_image():
 def test_probabilities_validated():
     with pytest.raises(ValueError, match="p_shuffle"):
         ConditionProbabilities(p_shuffle=1.5)
+
+
+def test_joint_drop_drops_both_and_is_off_by_default():
+    keys = [f"g{i}/00" for i in range(4000)]
+    plain = decide(sample_generators(7, 3, keys), ConditionProbabilities())
+    joint = decide(sample_generators(7, 3, keys), ConditionProbabilities(joint_drop=0.1))
+    both = lambda d: ((d.face == FaceChoice.DROPPED) & d.drop_text).float().mean().item()  # noqa: E731
+    assert both(plain) == pytest.approx(0.01, abs=0.006)
+    # joint 0.1 on top of independent 0.1/0.1: P(both) = 0.1 + 0.9 * 0.01
+    assert both(joint) == pytest.approx(0.109, abs=0.02)
+    # the option off draws nothing extra: the noise that follows is the one a run without the option sees
+    a, b = sample_generators(7, 3, keys[:1]), sample_generators(7, 3, keys[:1])
+    decide(a, ConditionProbabilities(joint_drop=0.0))
+    decide(b, ConditionProbabilities())
+    assert torch.equal(draw_normal(a, (3,)), draw_normal(b, (3,)))

@@ -33,16 +33,15 @@ trainer:
   enable_model_summary: false
   log_every_n_steps: 1
   callbacks:
-    - class_path: fact_lightning.callbacks.curriculum.ShuffleCurriculum
-      init_args: {{start: 0.2, end: 0.6, ramp_steps: 4}}
     - class_path: fact_lightning.callbacks.export.AdapterExport
-      init_args: {{dirpath: {out}/adapters}}
+      init_args: {{dirpath: {out}/adapters, dtype: null}}
 model:
   base: {{class_path: fact_lightning.training.base_spec.TinyBase, init_args: {{dtype: float64}}}}
   adapter_dtype: float64
   projection: {{token_dim: 64, dim: 64, depth: 2, heads: 2, dim_head: 64, output_dim: 32}}
   optimizer: {{class_path: torch.optim.SGD, init_args: {{lr: 0.1}}}}
   fair_weight: 0.1
+  shuffle: {{start: 0.2, end: 0.6, ramp_steps: 4}}
 data:
   root: {shards}
   resolution: 64

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fact_lightning import losses
+from fact_lightning.training import losses
 
 
 def test_fair_matches_hand_computation():
@@ -70,9 +70,13 @@ def test_masked_diffusion_loss():
     face[:, :, 0, 0] = 1.0
     weight = losses.random_loss_masks(face, torch.tensor([True, False]))
     assert weight[0].sum() == 1 and weight[1].sum() == 4
-    loss = losses.masked_diffusion_loss(pred, target, weight)
-    # masked sample: only the face pixel (error 3); unmasked: mean of 9, 1, 1, 1
-    assert loss.tolist() == pytest.approx([9.0, 3.0])
+    # The paper's plain norm: the mean over all pixels. Masked sample: only the face pixel (9) of 4 pixels;
+    # unmasked: the mean of 9, 1, 1, 1.
+    assert losses.masked_diffusion_loss(pred, target, weight).tolist() == pytest.approx([9 / 4, 3.0])
+    # Normalised by the mask area: the masked sample is its face pixel's error alone.
+    assert losses.masked_diffusion_loss(pred, target, weight, "mask_area").tolist() == pytest.approx([9.0, 3.0])
+    with pytest.raises(ValueError, match="normalize"):
+        losses.masked_diffusion_loss(pred, target, weight, "face")
 
 
 def test_increment_inside_outside():

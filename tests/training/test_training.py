@@ -10,12 +10,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import default_collate
 
-from fact_lightning.callbacks.curriculum import ShuffleCurriculum
 from fact_lightning.callbacks.export import AdapterExport
+from fact_lightning.training.conditioning import ShuffleSchedule
 from fact_lightning.data.datamodule import FactDataModule
 from fact_lightning.models.resampler import TINY_RESAMPLER
 from fact_lightning.training.base_spec import TinyBase
+from fact_lightning.errors import UserError
 from fact_lightning.training.module import FactModule
+from fact_lightning.training.nonfinite import TrainingDiverged
 
 PROJECTION = TINY_RESAMPLER
 
@@ -66,37 +68,51 @@ def test_learns_and_the_adapter_only_acts_after_training(two_image_shards, tmp_p
 
 
 def test_checkpoint_holds_only_the_adapter_and_resume_continues(shards, tmp_path):
-    curriculum = dict(start=0.2, end=0.6, ramp_steps=10)
+    schedule = ShuffleSchedule(start=0.2, end=0.6, ramp_steps=10)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_last=True)
     pl.seed_everything(0)
-    first = make_module()
-    make_trainer(tmp_path, 3, [ShuffleCurriculum(**curriculum), ckpt,
-                               AdapterExport(dirpath=str(tmp_path / "adapters"))]).fit(first, make_data(shards, 2))
+    first = make_module(shuffle=schedule)
+    make_trainer(tmp_path, 3, [ckpt, AdapterExport(dirpath=str(tmp_path / "adapters"), official="always")]).fit(
+        first, make_data(shards, 2))
     path = tmp_path / "ckpt" / "last.ckpt"
     saved = torch.load(path, weights_only=True)
     assert set(saved["state_dict"]) == first.adapter_keys()  # no frozen UNet/VAE/text weights
     assert not any(k.startswith(("unet.", "vae.", "text_encoder.")) for k in saved["state_dict"])
     assert saved["global_step"] == 3
-    state = saved["callbacks"]["ShuffleCurriculum"]
-    assert state["step"] == 2 and state["p_shuffle"] == pytest.approx(0.2 + 0.4 * 2 / 10)
-    assert (tmp_path / "adapters" / "step-000003" / "adapter.safetensors").is_file()
+    assert saved["fact"]["shuffle"] == {"start": 0.2, "end": 0.6, "ramp_steps": 10, "warmup_steps": 0, "shape": "linear"}
+    step3 = tmp_path / "adapters" / "step-000003"
+    assert (step3 / "adapter.safetensors").is_file() and (step3 / "fact_adapter.bin").is_file()
+    # The final export is the step-3 export, linked rather than written twice.
+    final = tmp_path / "adapters" / "final"
+    assert final.is_symlink() and final.resolve() == step3.resolve()
 
     pl.seed_everything(0)
-    resumed, curr = make_module(), ShuffleCurriculum(**curriculum)
+    resumed = make_module(shuffle=schedule)
     seen = []
 
     class Watch(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append((trainer.global_step, pl_module.p_shuffle))
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            seen.append(trainer.global_step)
 
-    trainer = make_trainer(tmp_path, 5, [curr, Watch(), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
+    trainer = make_trainer(tmp_path, 5, [Watch(), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)])
     trainer.fit(resumed, make_data(shards, 2), ckpt_path=str(path))
-    assert seen[0][0] == 3 and seen[0][1] == pytest.approx(0.2 + 0.4 * 3 / 10)  # the ramp picks up at step 3
+    assert seen[0] == 4  # the first resumed step was step 3
+    assert resumed.probabilities(3).p_shuffle == pytest.approx(0.2 + 0.4 * 3 / 10)  # the ramp picks up at step 3
     assert trainer.global_step == 5
     opt_state = trainer.optimizers[0].state_dict()["state"]
     assert all(int(s["step"]) == 5 for s in opt_state.values())  # Adam's moments continued from step 3
-    # (A fresh optimizer would count 2 steps. Bit-equality with an uninterrupted run is not asserted:
-    # Lightning restarts a map-style loader's epoch on a mid-epoch resume, so the batches differ.)
+
+
+def test_resuming_on_another_base_model_is_refused(shards, tmp_path):
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, 1, [ckpt]).fit(make_module(), make_data(shards, 2))
+    other = FactModule(TinyBase(seed=1), PROJECTION)
+    with pytest.raises(UserError, match="base model"):
+        make_trainer(tmp_path, 2).fit(other, make_data(shards, 2), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    allowed = FactModule(TinyBase(seed=1), PROJECTION, check_base_on_resume=False)
+    trainer = make_trainer(tmp_path, 2, enable_checkpointing=False)
+    trainer.fit(allowed, make_data(shards, 2), ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    assert trainer.global_step == 2
 
 
 def test_loading_a_foreign_checkpoint_fails_strictly(shards, tmp_path):
@@ -109,17 +125,67 @@ def test_loading_a_foreign_checkpoint_fails_strictly(shards, tmp_path):
         module.on_load_checkpoint({"state_dict": {**{k: None for k in keys}, "unet.conv_in.weight": None}})
 
 
-def test_nonfinite_loss_is_skipped_and_counted(shards, tmp_path):
-    module, data = make_module(), make_data(shards, 2)
+def _poison(module: FactModule, steps) -> FactModule:
+    """Makes the loss NaN at the given global steps (a stand-in for a diverging batch)."""
     original = FactModule.compute_losses
 
     def poisoned(self, batch, step):
         out = original(self, batch, step)
-        if step == 1:
+        if step in steps:
             out["loss"] = out["loss"] * float("nan")
         return out
 
     module.compute_losses = poisoned.__get__(module)
-    make_trainer(tmp_path, 3, enable_checkpointing=False).fit(module, data)
+    return module
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["host-sync", "fused-on-device"])
+def test_nonfinite_loss_is_skipped_and_counted(shards, tmp_path, fused):
+    module = _poison(make_module(), {1})
+    module.optimizer_factory = partial(torch.optim.Adam, lr=3e-3, fused=fused)
+    before = {}
+
+    class Snapshot(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 1:
+                before.update({k: v.clone() for k, v in pl_module.adapter.state_dict().items()})
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step in (1, 2) and before:  # just after the poisoned step
+                after = pl_module.adapter.state_dict()
+                assert all(torch.equal(before[k], after[k]) for k in before), "a non-finite step changed weights"
+                before.clear()
+
+    make_trainer(tmp_path, 4, [Snapshot()], enable_checkpointing=False, log_every_n_steps=2).fit(
+        module, make_data(shards, 2))
     assert module.nonfinite_steps == 1
     assert all(torch.isfinite(p).all() for p in module.adapter.parameters())
+    opt_state = next(iter(module.trainer.optimizers[0].state.values()))
+    assert int(opt_state["step"]) == 3  # four steps, one of them skipped
+    assert torch.isfinite(opt_state["exp_avg"]).all()
+
+
+def test_a_diverged_run_stops_with_an_error_and_exports_nothing(shards, tmp_path):
+    module = _poison(make_module(max_nonfinite_steps=3), set(range(100)))
+    export = AdapterExport(dirpath=str(tmp_path / "adapters"))
+    with pytest.raises(TrainingDiverged, match="3 consecutive non-finite steps"):
+        make_trainer(tmp_path, 20, [export], enable_checkpointing=False).fit(module, make_data(shards, 2))
+    assert not (tmp_path / "adapters").exists()
+
+
+def test_cached_latents_give_the_losses_of_the_vae_path(shards):
+    """A batch carrying the VAE's latent distribution trains exactly as one the VAE encodes on the fly."""
+    module, data = make_module(), make_data(shards, 4)
+    module.configure_model()
+    data.setup("fit")
+    batch = default_collate(data._train.samples[:4])
+    with torch.no_grad():
+        dist = module.vae.encode(batch["pixels"]).latent_dist
+        vae_path = module.compute_losses(batch, step=7)
+        cached = module.compute_losses({**batch, "latent_mean": dist.mean, "latent_std": dist.std}, step=7)
+        pixels_gone = {**batch, "pixels": torch.full_like(batch["pixels"], float("nan")),
+                       "latent_mean": dist.mean, "latent_std": dist.std}
+        no_vae = module.compute_losses(pixels_gone, step=7)  # the VAE is not run at all
+    for name in ("loss", "diffusion", "fair_total"):
+        assert torch.equal(vae_path[name], cached[name]), name
+        assert torch.equal(vae_path[name], no_vae[name]), name

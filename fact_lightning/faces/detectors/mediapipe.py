@@ -76,6 +76,15 @@ class MediaPipeDetector:
         self._detector.close()
         self._mesh.close()
 
+    def warm_up(self) -> None:
+        """Runs both models once on a blank image: their native start-up (threads, and the lines they print on
+        file descriptor 2) happens now rather than during the first real photo."""
+        blank = np.zeros((64, 64, 3), np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            self._detector.process(blank)
+            self._mesh.process(blank)
+
     def detect(self, image: np.ndarray) -> list[Detection]:
         h, w = image.shape[:2]
         small, scale = downscale_for_detection(image, self.detect_max_side)

@@ -5,21 +5,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from torch import nn
 
-from .models.injection import FaceAdapter
-from .models.resampler import ResamplerConfig
-from .models.unet_layout import BlockSite, transformer_block_sites
+from .injection import FaceAdapter
+from .resampler import ResamplerConfig
+from .unet_layout import BlockSite, transformer_block_sites
 
 FORMAT_NAME = "fact-lightning-adapter"
 FORMAT_VERSION = 1
 
 
-def save_adapter(adapter: FaceAdapter, path: str | Path, metadata: dict | None = None) -> Path:
+def save_adapter(adapter: FaceAdapter, path: str | Path, metadata: dict | None = None,
+                 dtype: torch.dtype | None = None) -> Path:
     """Writes the adapter's weights (projection + every block) as safetensors, atomically.
 
     ``metadata`` (base model, step, training config, ...) is stored as JSON strings beside the format
-    version, the projection sizes and the block layout, so the file is self-describing.
+    version, the projection sizes and the block layout, so the file is self-describing. ``dtype`` casts the
+    written weights (float16 halves the file); loading casts them back to the adapter's dtype.
     """
     from safetensors.torch import save_file
 
@@ -32,7 +35,7 @@ def save_adapter(adapter: FaceAdapter, path: str | Path, metadata: dict | None =
         "sites": json.dumps([site.__dict__ for site in adapter.sites]),
     }
     header.update({k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in (metadata or {}).items()})
-    tensors = {k: v.detach().cpu().contiguous() for k, v in adapter.state_dict().items()}
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in adapter.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=header)
     tmp.replace(path)
@@ -58,7 +61,7 @@ def load_adapter(path: str | Path, unet: nn.Module | None = None) -> FaceAdapter
     if path.suffix != ".safetensors":
         if unet is None:
             raise ValueError("loading an official FACT checkpoint needs the UNet to attach to")
-        from .interop.official import load_fact_checkpoint
+        from ..interop.official import load_fact_checkpoint
 
         return load_fact_checkpoint(path, unet)
 

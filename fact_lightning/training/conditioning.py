@@ -9,8 +9,10 @@ continue the same random stream. Nothing here keeps state across steps.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Literal
 
 import torch
 
@@ -33,6 +35,39 @@ def sample_generators(seed: int, step: int, keys: list[str]) -> list[torch.Gener
 
 
 @dataclass(frozen=True)
+class ShuffleSchedule:
+    """The face-shuffle curriculum (paper 3.3): p_shuffle as a function of the optimizer step.
+
+    ``start`` until ``warmup_steps``, then a ``linear`` or ``cosine`` (half-cosine ease-in-out) ramp over
+    ``ramp_steps`` to ``end``, held after. The module evaluates it at every step; it is saved with the run.
+    """
+
+    start: float = 0.2
+    end: float = 0.6
+    ramp_steps: int = 10_000
+    warmup_steps: int = 0
+    shape: Literal["linear", "cosine"] = "linear"
+
+    def __post_init__(self) -> None:
+        for name in ("start", "end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"shuffle schedule {name} must be a probability, got {getattr(self, name)}")
+        if self.ramp_steps < 0 or self.warmup_steps < 0:
+            raise ValueError("shuffle schedule ramp_steps and warmup_steps must be >= 0")
+        if self.shape not in ("linear", "cosine"):
+            raise ValueError(f"shuffle schedule shape must be linear or cosine, got {self.shape!r}")
+
+    def value(self, step: int) -> float:
+        if self.ramp_steps == 0:
+            frac = 1.0 if step >= self.warmup_steps else 0.0
+        else:
+            frac = min(max((step - self.warmup_steps) / self.ramp_steps, 0.0), 1.0)
+        if self.shape == "cosine":
+            frac = 0.5 - 0.5 * math.cos(math.pi * frac)
+        return self.start + (self.end - self.start) * frac
+
+
+@dataclass(frozen=True)
 class ConditionProbabilities:
     """Per-sample condition probabilities (paper 3.3; 0.1 each for face and text drop).
 
@@ -45,9 +80,10 @@ class ConditionProbabilities:
     face_drop: float = 0.1
     text_drop: float = 0.1
     mask_loss: float = 0.5  # M_r(p): probability of the face-masked diffusion loss
+    joint_drop: float = 0.0  # extra probability of dropping face and text together (IP-Adapter style)
 
     def __post_init__(self) -> None:
-        for name in ("p_shuffle", "face_drop", "text_drop", "mask_loss"):
+        for name in ("p_shuffle", "face_drop", "text_drop", "mask_loss", "joint_drop"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
@@ -55,7 +91,8 @@ class ConditionProbabilities:
 
 @dataclass
 class Decisions:
-    """A batch's decisions, each (B,): ``face`` holds FaceChoice values; the others are bool."""
+    """A batch's decisions, each (B,): ``face`` holds FaceChoice values (on the batch's device); the others are
+    bool, on the CPU."""
 
     face: torch.Tensor
     drop_text: torch.Tensor
@@ -77,16 +114,22 @@ def decide(
     """Draws each sample's decisions from its generator (four uniforms, always in the same order).
 
     ``shuffle_available`` (B,) bool marks samples whose identity has another image; a shuffle drawn for a
-    sample without one falls back to its paired face (and is reported as paired).
+    sample without one falls back to its paired face (and is reported as paired). With ``joint_drop`` > 0 a
+    fifth uniform drops face and text together (Eq. 5's unconditional branch); at 0 it is not drawn, so the
+    random stream is the same as without the option.
     """
-    draws = torch.stack([torch.rand(4, generator=g) for g in generators]) if generators else torch.zeros(0, 4)
-    face = torch.full((len(generators),), int(FaceChoice.PAIRED), dtype=torch.long)
+    width = 5 if probs.joint_drop > 0 else 4
+    draws = torch.stack([torch.rand(width, generator=g) for g in generators]) if generators else torch.zeros(0, width)
+    joint = draws[:, 4] < probs.joint_drop if width == 5 else torch.zeros(len(generators), dtype=torch.bool)
+    dropped = (draws[:, 0] < probs.face_drop) | joint
     shuffled = draws[:, 1] < probs.p_shuffle
-    if shuffle_available is not None:
-        shuffled &= shuffle_available.cpu().bool()
-    face[shuffled] = int(FaceChoice.SHUFFLED)
-    face[draws[:, 0] < probs.face_drop] = int(FaceChoice.DROPPED)
-    return Decisions(face=face, drop_text=draws[:, 2] < probs.text_drop, use_mask=draws[:, 3] < probs.mask_loss)
+    if shuffle_available is not None:  # on its own device: no copy back to the host (a sync on a GPU)
+        shuffled = shuffled.to(shuffle_available.device, non_blocking=True) & shuffle_available.bool()
+        dropped = dropped.to(shuffle_available.device, non_blocking=True)
+    face = torch.where(dropped, int(FaceChoice.DROPPED), torch.where(shuffled, int(FaceChoice.SHUFFLED),
+                                                                     int(FaceChoice.PAIRED)))
+    drop_text = (draws[:, 2] < probs.text_drop) | joint
+    return Decisions(face=face, drop_text=drop_text, use_mask=draws[:, 3] < probs.mask_loss)
 
 
 def draw_normal(generators: list[torch.Generator], shape: tuple[int, ...]) -> torch.Tensor:

@@ -26,17 +26,23 @@ def random_loss_masks(face_mask: torch.Tensor, use_mask: torch.Tensor) -> torch.
     return torch.where(use_mask.view(-1, 1, 1, 1).to(face_mask.device), face_mask, ones)
 
 
-def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Per-sample weighted MSE ``||(pred - target) * M_r||^2`` normalised by the weight's area.
+def masked_diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor,
+                          normalize: str = "all_pixels") -> torch.Tensor:
+    """Per-sample weighted MSE ``||(pred - target) * M_r||^2`` of Eq. 4: (B,).
 
-    pred, target: (B, C, h, w); weight: (B, 1, h, w) in [0, 1] (M_r(p)). Returns (B,).
-    Normalising by the mask area (rather than by h*w) keeps a masked sample's loss on the scale of an
-    unmasked one, so the masked-loss probability changes where the model looks, not the learning rate.
-    A sample whose weight is all zero (no face found at latent scale) contributes 0.
+    pred, target: (B, C, h, w); weight: (B, 1, h, w) in [0, 1] (M_r(p)).
+    ``normalize="all_pixels"`` (the paper's plain norm, as PhotoMaker-style code computes it): the mean over
+    all C*h*w elements, so a masked sample weighs less, in proportion to its face area.
+    ``normalize="mask_area"``: divided by the weight's area instead, keeping a masked sample's loss on the
+    scale of an unmasked one (face pixels then weigh about 5-10x); an all-zero weight contributes 0.
     """
     se = (_upcast(pred) - _upcast(target)).pow(2) * _upcast(weight)
-    area = _upcast(weight).sum(dim=(1, 2, 3)) * pred.shape[1]
-    return se.sum(dim=(1, 2, 3)) / area.clamp_min(1e-6)
+    if normalize == "all_pixels":
+        return se.mean(dim=(1, 2, 3))
+    if normalize == "mask_area":
+        area = _upcast(weight).sum(dim=(1, 2, 3)) * pred.shape[1]
+        return se.sum(dim=(1, 2, 3)) / area.clamp_min(1e-6)
+    raise ValueError(f"normalize must be 'all_pixels' or 'mask_area', got {normalize!r}")
 
 
 def token_grid(num_tokens: int, latent_hw: tuple[int, int]) -> tuple[int, int]:

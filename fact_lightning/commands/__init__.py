@@ -1,0 +1,1 @@
+"""What the non-Lightning commands share: option declarations (``options``) and terminal output (``console``)."""

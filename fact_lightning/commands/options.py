@@ -1,0 +1,206 @@
+"""The options that ``fact-generate`` and ``fact-evaluate`` share, each declared once with its help.
+
+Options are typed dataclass fields whose ``Annotated`` metadata is their ``typer.Option``; a command takes
+whole dataclasses as parameters and :func:`command` spreads their fields into the signature Typer reads,
+then rebuilds the dataclasses (which validate themselves) for the command body. So a command is a plain
+function of typed objects, as litgpt's ``args.py`` does for its entry points.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import typing
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+
+from fact_lightning.inference.generator import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_STEPS, INPAINT_GUIDANCE
+from fact_lightning.inference.pipelines import DEFAULT_SCHEDULER, SCHEDULERS
+from fact_lightning.models.sfags import INFERENCE_ADAPTER_SCALE
+
+WEIGHTS, SAMPLING = "Weights", "Sampling"
+
+
+def command(fn):
+    """Lets Typer read ``fn(opts: SomeOptions, ...)``: each dataclass parameter becomes its fields' options."""
+    hints = typing.get_type_hints(fn)
+    groups = {name: cls for name, cls in hints.items() if name != "return" and dataclasses.is_dataclass(cls)}
+    params, owner = [], {}
+    for group, cls in groups.items():
+        field_hints = typing.get_type_hints(cls, include_extras=True)
+        for f in dataclasses.fields(cls):
+            if f.name in owner:
+                raise TypeError(f"option {f.name!r} is declared by both {owner[f.name]} and {cls.__name__}")
+            owner[f.name] = cls.__name__
+            default = f.default if f.default is not dataclasses.MISSING else \
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else inspect.Parameter.empty
+            params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                            annotation=field_hints[f.name]))
+
+    @functools.wraps(fn)
+    def wrapper(**values):
+        return fn(**{group: cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+                     for group, cls in groups.items()})
+
+    del wrapper.__wrapped__  # Typer must read the spread signature, not fn's
+    wrapper.__signature__ = inspect.Signature(params)
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper
+
+
+def help_text(doc: str) -> str:
+    """A docstring as command help: each paragraph on one line, so that the terminal, not the source, wraps it."""
+    return "\n\n".join(" ".join(par.split()) for par in inspect.cleandoc(doc).split("\n\n"))
+
+
+def flag(name: str, panel: str | None, help: str):
+    """A boolean ``--name`` option (no ``--no-name``, no type shown)."""
+    return typer.Option(name, metavar="", rich_help_panel=panel, help=help)
+
+
+def _choices(values) -> str:
+    return ", ".join(values[:-1]) + " or " + values[-1]
+
+
+def _lora(text: str) -> tuple[str, float]:
+    path, sep, weight = text.rpartition(":")
+    if sep and path and weight.replace(".", "", 1).isdigit():
+        return path, float(weight)
+    return text, 1.0
+
+
+@dataclasses.dataclass(kw_only=True)
+class WeightOptions:
+    """Where every model comes from (``--tiny``: seeded random CPU stand-ins, nothing to download)."""
+
+    base: Annotated[Optional[str], typer.Option(
+        metavar="DIR|HUB_ID", rich_help_panel=WEIGHTS,
+        help="SD1.5-style diffusers folder or hub id (an inpainting model with --template).")] = None
+    adapter: Annotated[Optional[Path], typer.Option(
+        metavar="FILE", rich_help_panel=WEIGHTS,
+        help="FACT adapter: our .safetensors export or the official FACT torch file.")] = None
+    face_encoder: Annotated[Optional[Path], typer.Option(
+        metavar="FILE", rich_help_panel=WEIGHTS,
+        help="Official TransFace weights, e.g. ms1mv2_model_TransFace_S.pt.")] = None
+    face_encoder_variant: Annotated[Literal["S", "B", "L"], typer.Option(
+        metavar="S|B|L", rich_help_panel=WEIGHTS, help="TransFace variant of --face-encoder.")] = "S"
+    lora: Annotated[list[str], typer.Option(
+        metavar="PATH[:WEIGHT]", rich_help_panel=WEIGHTS,
+        help="LoRA file, folder or hub id (diffusers/kohya safetensors); repeatable.")] = \
+        dataclasses.field(default_factory=list)
+    controlnet: Annotated[Optional[str], typer.Option(
+        metavar="DIR|HUB_ID", rich_help_panel=WEIGHTS,
+        help="ControlNet folder or hub id (e.g. SD1.5 OpenPose); 'tiny' with --tiny.")] = None
+    scheduler: Annotated[Literal[SCHEDULERS], typer.Option(
+        metavar="NAME", rich_help_panel=WEIGHTS,
+        help=f"Sampler: {_choices(SCHEDULERS)} (pndm: SD1.5's, the official apps').")] = DEFAULT_SCHEDULER
+    detector: Annotated[Literal["mediapipe", "facexlib"], typer.Option(
+        metavar="NAME", rich_help_panel=WEIGHTS,
+        help="Face detector: mediapipe (offline) or facexlib.")] = "mediapipe"
+    detector_weights: Annotated[Optional[Path], typer.Option(
+        metavar="DIR", rich_help_panel=WEIGHTS, help="facexlib weights folder.")] = None
+    device: Annotated[str, typer.Option(
+        metavar="DEVICE", rich_help_panel=WEIGHTS, help="cpu, cuda, cuda:1, ...")] = "cpu"
+    dtype: Annotated[Literal["float32", "float16", "bfloat16"], typer.Option(
+        metavar="DTYPE", rich_help_panel=WEIGHTS,
+        help="Precision of the diffusion models: float32, float16 or bfloat16.")] = "float32"
+    local_files_only: Annotated[bool, flag("--local-files-only", WEIGHTS, "Never contact the hub.")] = False
+    tiny: Annotated[bool, flag("--tiny", WEIGHTS,
+                               "Seeded RANDOM CPU models, no weights needed (tests, demos).")] = False
+
+    @property
+    def loras(self) -> list[tuple[str, float]]:
+        return [_lora(text) for text in self.lora]
+
+    def sources(self, mode: str):
+        """The ``GeneratorSources`` these options name, for ``mode`` (txt2img, inpaint, controlnet)."""
+        from fact_lightning.inference.loading import GeneratorSources
+
+        return GeneratorSources(
+            base=self.base, adapter=None if self.adapter is None else str(self.adapter),
+            face_encoder=None if self.face_encoder is None else str(self.face_encoder),
+            face_encoder_variant=self.face_encoder_variant, mode=mode, controlnet=self.controlnet,
+            loras=self.loras, scheduler=self.scheduler, detector=self.detector,
+            detector_weights=None if self.detector_weights is None else str(self.detector_weights),
+            device=self.device, dtype=self.dtype, local_files_only=self.local_files_only, tiny=self.tiny)
+
+
+@dataclasses.dataclass(kw_only=True)
+class SamplingOptions:
+    """Prompts, seeds and the sampler's settings; defaults are the official FACT app's."""
+
+    prompts: Annotated[Optional[Path], typer.Option(
+        metavar="FILE", rich_help_panel=SAMPLING,
+        help="Prompt file: one per line, '#' comments, {subject} placeholder.")] = None
+    prompt: Annotated[list[str], typer.Option(
+        metavar="TEXT", rich_help_panel=SAMPLING, help="A prompt; repeatable.")] = dataclasses.field(default_factory=list)
+    subject: Annotated[str, typer.Option(
+        metavar="TEXT", rich_help_panel=SAMPLING, help="Replaces {subject} in the prompts.")] = "a person"
+    negative_prompt: Annotated[str, typer.Option(
+        metavar="TEXT", rich_help_panel=SAMPLING, help="Negative prompt ('' for none).")] = DEFAULT_NEGATIVE_PROMPT
+    seed: Annotated[list[int], typer.Option(
+        metavar="INT", rich_help_panel=SAMPLING, help="Repeatable; default 0.")] = dataclasses.field(default_factory=list)
+    num_images: Annotated[int, typer.Option(
+        metavar="INT", rich_help_panel=SAMPLING, help="Images per prompt and seed.")] = 1
+    adapter_scale: Annotated[float, typer.Option(
+        metavar="FLOAT", rich_help_panel=SAMPLING, help="Adapter scale a of Eq. 2 (0: the base model).")] = INFERENCE_ADAPTER_SCALE
+    scale: Annotated[Optional[float], typer.Option("--scale", hidden=True)] = None  # old name of --adapter-scale
+    guidance_scale: Annotated[Optional[float], typer.Option(
+        metavar="FLOAT", rich_help_panel=SAMPLING, show_default=False,
+        help=f"diffusers' guidance_scale; the paper's 'CFG 7.0' is passed as 7.0, as the official code "
+             f"does (default {DEFAULT_GUIDANCE}; {INPAINT_GUIDANCE} with --template).")] = None
+    text_only_guidance: Annotated[bool, flag(
+        "--text-only-guidance", SAMPLING,
+        "Both guidance branches carry the face (official cfg_face=False); by default the negative "
+        "branch has the id-drop embedding (Eq. 5).")] = False
+    face_delay: Annotated[float, typer.Option(
+        metavar="FRACTION", rich_help_panel=SAMPLING,
+        help="The adapter acts only after this fraction of the steps "
+             "(official delayed_face_condition).")] = 0.0
+    steps: Annotated[int, typer.Option(
+        metavar="INT", rich_help_panel=SAMPLING, help="Denoising steps.")] = DEFAULT_STEPS
+    height: Annotated[Optional[int], typer.Option(
+        metavar="PX", rich_help_panel=SAMPLING, help="Image height (default: the model's, 512 for SD1.5).")] = None
+    width: Annotated[Optional[int], typer.Option(
+        metavar="PX", rich_help_panel=SAMPLING, help="Image width (default: the model's).")] = None
+
+    def __post_init__(self) -> None:
+        if self.scale is not None:
+            if self.adapter_scale not in (INFERENCE_ADAPTER_SCALE, self.scale):
+                raise ValueError("give --adapter-scale only (--scale is its old name)")
+            self.adapter_scale, self.scale = self.scale, None
+        if self.steps < 1:
+            raise ValueError(f"--steps must be at least 1, got {self.steps}")
+        if self.num_images < 1:
+            raise ValueError(f"--num-images must be at least 1, got {self.num_images}")
+        if not 0.0 <= self.face_delay <= 1.0:
+            raise ValueError(f"--face-delay is a fraction of the steps in [0, 1], got {self.face_delay}")
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if value is not None and (value < 8 or value % 8):
+                raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
+        if self.prompts is None and not self.prompt:
+            raise ValueError("give prompts with --prompts FILE or --prompt TEXT")
+        if self.prompts is not None and not self.prompts.is_file():
+            what = "is a directory, not a file" if self.prompts.is_dir() else "not found"
+            raise FileNotFoundError(f"prompt file {what}: {self.prompts}")
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(self.seed) or [0]
+
+    def prompt_list(self) -> list[str]:
+        """``--prompt`` values, then the ``--prompts`` file's, with ``{subject}`` replaced."""
+        from fact_lightning.inference.prompts import read_prompts
+
+        prompts = list(self.prompt) + (read_prompts(self.prompts, self.subject) if self.prompts else [])
+        return [p.replace("{subject}", self.subject) for p in prompts]
+
+    def generate_kwargs(self, guidance_scale: float) -> dict:
+        """Keyword arguments of ``FacePortraitGenerator.__call__`` (seed, prompt and images per call aside)."""
+        return dict(negative_prompt=self.negative_prompt or None, adapter_scale=self.adapter_scale,
+                    guidance_scale=guidance_scale, num_inference_steps=self.steps, height=self.height,
+                    width=self.width, text_only_guidance=self.text_only_guidance, face_delay=self.face_delay)
