@@ -50,6 +50,7 @@ from ..data import schema
 from ..data.shards import ShardError, iter_raw_samples, read_manifest, shard_urls
 from ..inference.generator import DEFAULT_GUIDANCE, DEFAULT_STEPS
 from ..inference.pipelines import DEFAULT_SCHEDULER
+from ..faces.identity import face_similarity, reference_embedding
 from ..inference.prompts import DEFAULT_SUBJECT, parse_prompts, read_prompts
 from ..models.sfags import INFERENCE_ADAPTER_SCALE
 
@@ -137,32 +138,6 @@ def _decode_rgb(data: bytes) -> np.ndarray:
 
     with Image.open(io.BytesIO(data)) as image:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
-
-# -- the identity curve ------------------------------------------------------------------------------------
-def reference_embedding(encoder: torch.nn.Module, tokens: np.ndarray, device: torch.device | str = "cpu") -> np.ndarray:
-    """The L2-normalised TransFace embedding (C,) of one reference's stored tokens (T, D)."""
-    from ..faces.encoding import embed_tokens
-
-    return embed_tokens(encoder, np.asarray(tokens)[None], device=device)[0]
-
-
-def face_similarity(image: np.ndarray, reference: np.ndarray, encoder: torch.nn.Module, detector,
-                    device: torch.device | str = "cpu") -> float | None:
-    """Cosine similarity between the face in ``image`` (RGB uint8) and a :func:`reference_embedding`.
-
-    The face is found and aligned as a reference photo is (``prepare_reference`` with ``LENIENT_POLICY``),
-    encoded to tokens as shards cache them, then embedded. None when no face is found.
-    """
-    from ..faces.encoding import embed_tokens, encode_faces
-    from ..faces.reference import LENIENT_POLICY, NoFaceError, prepare_reference
-
-    try:
-        face = prepare_reference(np.ascontiguousarray(image), detector, LENIENT_POLICY).face
-    except NoFaceError:
-        return None
-    embedding = embed_tokens(encoder, encode_faces(encoder, face[None], device=device), device=device)[0]
-    return float(np.dot(embedding, reference))
 
 
 # -- images --------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from fact_lightning.commands.console import native_noise_filtered, out_console, progress, setup_logging
+from fact_lightning.commands.console import exit_status, native_noise_filtered, out_console, progress, setup_logging
 from fact_lightning.commands.options import SamplingOptions, WeightOptions, command, help_text
 from fact_lightning.errors import guarded
 
@@ -199,8 +199,4 @@ def evaluate_command(opts: EvaluateOptions, weights: WeightOptions, sampling: Sa
 
 def main(argv: list[str] | None = None) -> int:
     """Console script: runs the command and returns its exit status (2 for a user error)."""
-    try:
-        app(args=argv)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
-    return 0
+    return exit_status(app, argv)

@@ -81,3 +81,29 @@ def check_identity(embeddings: list[np.ndarray], threshold: float, metric: str =
         matches = int((others <= threshold).sum())
         checks.append(Check(round(float(np.median(others)), 4), 2 * matches >= n - 1))
     return checks
+
+
+# -- TransFace: the identity curve of training previews ------------------------------------------------
+def reference_embedding(encoder, tokens: np.ndarray, device="cpu") -> np.ndarray:
+    """The L2-normalised TransFace embedding (C,) of one reference's stored tokens (T, D)."""
+    from .encoding import embed_tokens
+
+    return embed_tokens(encoder, np.asarray(tokens)[None], device=device)[0]
+
+
+def face_similarity(image: np.ndarray, reference: np.ndarray, encoder, detector,
+                    device="cpu") -> float | None:
+    """Cosine similarity between the face in ``image`` (RGB uint8) and a :func:`reference_embedding`.
+
+    The face is found and aligned as a reference photo is (``prepare_reference`` with ``LENIENT_POLICY``),
+    encoded to tokens as shards cache them, then embedded. None when no face is found.
+    """
+    from .encoding import embed_tokens, encode_faces
+    from .reference import LENIENT_POLICY, NoFaceError, prepare_reference
+
+    try:
+        face = prepare_reference(np.ascontiguousarray(image), detector, LENIENT_POLICY).face
+    except NoFaceError:
+        return None
+    embedding = embed_tokens(encoder, encode_faces(encoder, face[None], device=device), device=device)[0]
+    return float(np.dot(embedding, reference))

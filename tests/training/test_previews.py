@@ -14,8 +14,8 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from PIL import Image
 
-from fact_lightning.callbacks.previews import (Previews, face_similarity, labelled_grid, read_preview_identities,
-                                               reference_embedding)
+from fact_lightning.callbacks.previews import Previews, labelled_grid, read_preview_identities
+from fact_lightning.faces.identity import face_similarity, reference_embedding
 from fact_lightning.data.datamodule import FactDataModule
 from fact_lightning.data.shards import MANIFEST_NAME
 from fact_lightning.experiments.synthetic import write_synthetic_shards
