@@ -220,8 +220,13 @@ class FactModule(pl.LightningModule):
         logging_step = self._is_logging_step()
         if self._skips_on_device():
             # The fused optimizer reads this flag and leaves weights and moments alone on a non-finite step;
-            # the host learns of skipped steps only at logging steps.
-            self.optimizers().optimizer.found_inf = 1.0 - finite
+            # the host learns of skipped steps only at logging steps. With gradient accumulation one
+            # non-finite micro-batch spoils the accumulated gradient: the flag holds for the whole window.
+            optimizer = self.optimizers().optimizer
+            bad = 1.0 - finite
+            if batch_idx % self.trainer.accumulate_grad_batches and getattr(optimizer, "found_inf", None) is not None:
+                bad = torch.maximum(optimizer.found_inf, bad)
+            optimizer.found_inf = bad
             if logging_step:
                 self._check_nonfinite()
         elif not bool(finite):  # other optimizers: a host sync, and the step is skipped here

@@ -189,3 +189,27 @@ def test_cached_latents_give_the_losses_of_the_vae_path(shards):
     for name in ("loss", "diffusion", "fair_total"):
         assert torch.equal(vae_path[name], cached[name]), name
         assert torch.equal(vae_path[name], no_vae[name]), name
+
+
+def test_fused_skip_covers_a_whole_accumulation_window(shards, tmp_path):
+    """A non-finite first micro-batch spoils the accumulated gradient: the step is skipped even though the
+    window's last micro-batch is finite."""
+    module = make_module()
+    module.optimizer_factory = partial(torch.optim.Adam, lr=3e-3, fused=True)
+    original, calls = FactModule.compute_losses, []
+
+    def first_call_poisoned(self, batch, step):
+        out = original(self, batch, step)
+        calls.append(step)
+        if len(calls) == 1:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    module.compute_losses = first_call_poisoned.__get__(module)
+    make_trainer(tmp_path, 3, enable_checkpointing=False, accumulate_grad_batches=2, log_every_n_steps=1).fit(
+        module, make_data(shards, 2))
+    assert calls[:2] == [0, 0] and module.trainer.global_step == 3
+    opt_state = next(iter(module.trainer.optimizers[0].state.values()))
+    assert int(opt_state["step"]) == 2  # three optimizer steps, the first skipped as a whole
+    assert all(torch.isfinite(p).all() for p in module.adapter.parameters())
+    assert module.nonfinite_steps == 1
