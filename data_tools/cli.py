@@ -26,7 +26,8 @@ from rich.table import Table
 from rich.text import Text
 
 from data_tools.options import AddLatentsOptions, BuildOptions
-from fact_lightning.errors import UserError, guarded
+from fact_lightning.commands.cli_errors import guarded
+from fact_lightning.errors import UserError
 
 # Plain click help: it wraps long option names and help at any width instead of cutting them off.
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,

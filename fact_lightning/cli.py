@@ -8,7 +8,6 @@ run (``--ckpt_path last``) continues the same curves. Mistakes a user can make e
 from __future__ import annotations
 
 import logging
-import sys
 import warnings
 from pathlib import Path
 
@@ -17,8 +16,8 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
+from .commands.cli_errors import guarded
 from .data.datamodule import FactDataModule
-from .errors import EXIT_USER_ERROR, USER_ERRORS, one_line
 from .training.base_spec import spec_vae_name
 from .training.checkpoints import AtomicCheckpointIO, resolve_last
 from .training.module import FactModule
@@ -107,13 +106,10 @@ def quiet_library_noise() -> None:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Console entry point: exit 0 on success, 2 with one line for a mistake the user can fix."""
+    """Console entry point: exit 0 on success, 2 with one line for a mistake the user can fix (a Lightning
+    misconfiguration such as a GPU config on a machine without one included)."""
     quiet_library_noise()
-    try:
-        build_cli(args)
-    except (*USER_ERRORS, MisconfigurationException) as err:
-        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USER_ERROR) from None
+    guarded(build_cli, also=(MisconfigurationException,))(args)
 
 
 if __name__ == "__main__":

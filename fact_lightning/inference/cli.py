@@ -16,7 +16,7 @@ import typer
 
 from fact_lightning.commands.console import exit_status, native_noise_filtered, out_console, progress, setup_logging
 from fact_lightning.commands.options import SamplingOptions, WeightOptions, command, flag, help_text
-from fact_lightning.errors import guarded
+from fact_lightning.commands.cli_errors import guarded
 
 REFERENCE, INPAINT, CONTROL = "Reference photos and output", "Inpainting portrait mode", "ControlNet"
 
