@@ -17,7 +17,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 
-from ..models.adapter_io import save_adapter
+from ..models.adapter_io import nonfinite_tensors, save_adapter
 from ..errors import UserError
 from ..models.injection import FaceAdapter
 
@@ -81,7 +81,7 @@ class AdapterExport(pl.Callback):
         state = pl_module.full_adapter_state()  # a collective under FSDP: every rank takes part
         if not trainer.is_global_zero:
             return None
-        bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+        bad = nonfinite_tensors(state)
         if bad:
             raise NonFiniteAdapterError(f"the adapter has non-finite weights ({len(bad)} tensors, e.g. {bad[0]}) at "
                                         f"step {trainer.global_step}; nothing was exported")

@@ -31,17 +31,10 @@ class TransFaceEmbedder:
         self.encoder = encoder.eval()
         self.detector = detector
 
-    @torch.no_grad()
     def embed(self, image: np.ndarray) -> np.ndarray | None:
-        from fact_lightning.faces.encoding import faces_to_tensor
-        from fact_lightning.faces.reference import LENIENT_POLICY, NoFaceError, prepare_reference
+        from fact_lightning.faces.identity import face_embedding
 
-        try:
-            face = prepare_reference(image, self.detector, LENIENT_POLICY).face
-        except NoFaceError:
-            return None
-        x = faces_to_tensor(face[None]).to(next(self.encoder.parameters()).device)
-        return self.encoder.embed(x)[0].float().cpu().numpy()
+        return face_embedding(image, self.encoder, self.detector, next(self.encoder.parameters()).device)
 
 
 class DlibFaceEmbedder:

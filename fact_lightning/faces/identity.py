@@ -91,12 +91,11 @@ def reference_embedding(encoder, tokens: np.ndarray, device="cpu") -> np.ndarray
     return embed_tokens(encoder, np.asarray(tokens)[None], device=device)[0]
 
 
-def face_similarity(image: np.ndarray, reference: np.ndarray, encoder, detector,
-                    device="cpu") -> float | None:
-    """Cosine similarity between the face in ``image`` (RGB uint8) and a :func:`reference_embedding`.
+def face_embedding(image: np.ndarray, encoder, detector, device="cpu") -> np.ndarray | None:
+    """The L2-normalised TransFace embedding (C,) of the main face of ``image`` (RGB uint8), None without one.
 
-    The face is found and aligned as a reference photo is (``prepare_reference`` with ``LENIENT_POLICY``),
-    encoded to tokens as shards cache them, then embedded. None when no face is found.
+    The face is found and aligned as a reference photo is (``prepare_reference`` with ``LENIENT_POLICY``) and
+    encoded to tokens as shards cache them, so it compares with :func:`reference_embedding`.
     """
     from .encoding import embed_tokens, encode_faces
     from .reference import LENIENT_POLICY, NoFaceError, prepare_reference
@@ -105,5 +104,11 @@ def face_similarity(image: np.ndarray, reference: np.ndarray, encoder, detector,
         face = prepare_reference(np.ascontiguousarray(image), detector, LENIENT_POLICY).face
     except NoFaceError:
         return None
-    embedding = embed_tokens(encoder, encode_faces(encoder, face[None], device=device), device=device)[0]
-    return float(np.dot(embedding, reference))
+    return embed_tokens(encoder, encode_faces(encoder, face[None], device=device), device=device)[0]
+
+
+def face_similarity(image: np.ndarray, reference: np.ndarray, encoder, detector,
+                    device="cpu") -> float | None:
+    """Cosine similarity between the face in ``image`` and a :func:`reference_embedding`; None without a face."""
+    embedding = face_embedding(image, encoder, detector, device)
+    return None if embedding is None else float(np.dot(embedding, reference))

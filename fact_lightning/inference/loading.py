@@ -74,14 +74,6 @@ def load_detector(src: GeneratorSources):
                           device=src.device)
 
 
-def check_finite(adapter: torch.nn.Module, path: str | Path) -> None:
-    """Refuses an adapter with NaN or infinite weights: it would only ever produce black images."""
-    bad = [name for name, value in adapter.state_dict().items() if not torch.isfinite(value).all()]
-    if bad:
-        raise ValueError(f"adapter file {path} has non-finite (NaN or infinite) weights in {len(bad)} tensors, "
-                         f"e.g. {bad[0]}: the training run that wrote it diverged")
-
-
 def load_generator(src: GeneratorSources, detector=None) -> FacePortraitGenerator:
     """Loads (or, with ``tiny``, builds) every part and returns the generator. Nothing is downloaded unless
     a hub id was given and ``local_files_only`` is off. ``detector``: one made by :func:`load_detector`."""
@@ -110,8 +102,7 @@ def load_generator(src: GeneratorSources, detector=None) -> FacePortraitGenerato
         if not path.is_file():
             what = "is a directory, not an adapter file" if path.is_dir() else "not found"
             raise MissingWeightsError(f"adapter file {what}: {path} (our .safetensors export or the official FACT file)")
-        adapter = load_adapter(path, base.unet)
-        check_finite(adapter, path)
+        adapter = load_adapter(path, base.unet)  # refuses non-finite weights
     else:  # tiny without an adapter file: a seeded random one, gates opened so that it acts
         adapter = random_tiny_adapter(base.unet, src.seed)
 

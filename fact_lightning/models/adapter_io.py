@@ -49,11 +49,25 @@ def read_adapter_metadata(path: str | Path) -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
+def nonfinite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors of a state dict that hold NaN or infinite values."""
+    return [name for name, value in state.items() if not torch.isfinite(value).all()]
+
+
+def check_finite(state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Refuses an adapter with NaN or infinite weights: it would only ever produce black images."""
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise ValueError(f"adapter file {path} has non-finite (NaN or infinite) weights in {len(bad)} tensors, "
+                         f"e.g. {bad[0]}: the training run that wrote it diverged")
+
+
 def load_adapter(path: str | Path, unet: nn.Module | None = None) -> FaceAdapter:
     """Loads an adapter file, ours (``.safetensors``) or the official FACT torch file, strictly.
 
     With ``unet`` the adapter is attached to it (which must have the layout the adapter was trained on).
-    The official format needs ``unet`` (its block layout is only implied by key names).
+    The official format needs ``unet`` (its block layout is only implied by key names). An adapter with
+    non-finite weights is refused.
     """
     path = Path(path)
     if not path.is_file():
@@ -63,7 +77,13 @@ def load_adapter(path: str | Path, unet: nn.Module | None = None) -> FaceAdapter
             raise ValueError("loading an official FACT checkpoint needs the UNet to attach to")
         from ..interop.official import load_fact_checkpoint
 
-        return load_fact_checkpoint(path, unet)
+        adapter = load_fact_checkpoint(path, unet)
+        try:
+            check_finite(adapter.state_dict(), path)
+        except ValueError:
+            adapter.detach()
+            raise
+        return adapter
 
     from safetensors.torch import load_file
 
@@ -82,6 +102,7 @@ def load_adapter(path: str | Path, unet: nn.Module | None = None) -> FaceAdapter
     result = adapter.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"{path}: missing keys {result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]}")
+    check_finite(state, path)
     if unet is not None:
         if transformer_block_sites(unet) != sites:
             raise ValueError(f"{path} was trained for another UNet layout ({len(sites)} blocks) than the one given")

@@ -308,6 +308,8 @@ class FactModule(pl.LightningModule):
         return {ADAPTER_PREFIX + k for k in self.adapter.state_dict()}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is not None and self.adapter is not None:
+            self._check_nonfinite()  # skips not yet counted (fused optimizer) go into the checkpoint too
         state = checkpoint.get("state_dict")
         if state is not None:
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
