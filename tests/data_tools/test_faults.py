@@ -23,6 +23,7 @@ from data_tools.dataset import inspect_dataset
 from data_tools.records import RecordOptions, read_regular_file
 from data_tools.sources import LINK_LOOP, NOT_A_FILE, discover
 from dt_helpers import RAW, build_opts
+from worker_deaths import kill_a_worker_of_a_build
 from fact_lightning.data import shards
 from fact_lightning.errors import UserError
 
@@ -166,44 +167,17 @@ def test_a_full_disk_while_writing_a_shard_removes_its_tmp(tmp_path, monkeypatch
 
 
 # --- concurrency and dying workers ---------------------------------------------------------------------------
-def _children(pid: int) -> list[tuple[int, str]]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append((int(entry.name), cmdline))
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_killed_worker_fails_the_build_cleanly_and_the_next_run_resumes(raw_copy, tmp_path):
+    """The first worker is killed the moment it appears (inside its spawn): the build ends within seconds."""
     out = tmp_path / "out"
     cmd = [FACT_DATA, "build", "--src", str(raw_copy), "--out", str(out), *TINY, "--workers", "2",
            "--images-per-shard", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            workers = [pid for pid, cmdline in _children(proc.pid) if "spawn_main" in cmdline]
-            if workers:
-                break
-            assert proc.poll() is None, proc.communicate()[1][-2000:]
-            assert time.monotonic() < deadline, "no worker process appeared"
-            time.sleep(0.02)
-        os.kill(workers[0], signal.SIGKILL)
-        stdout, stderr = proc.communicate(timeout=120)  # before: the pool waited forever
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    result = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    trial = kill_a_worker_of_a_build(cmd, delay_s=0.0, env=ENV, hang_s=30)
+    assert trial.killed and trial.returncode is not None, "the build did not end within 30 s of the kill"
+    assert trial.end_after_kill_s < 15, trial.end_after_kill_s
+    result = subprocess.CompletedProcess(cmd, trial.returncode, "", trial.stderr)
     assert "a worker process died" in one_error_line(result)
     assert not list(out.glob("*.tmp"))
     again = fact_data("build", "--src", str(raw_copy), "--out", str(out), *TINY, "--images-per-shard", "2",

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,22 +52,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_together(processes: list[subprocess.Popen], timeout: float) -> None:
+    """Waits for all; the first to fail ends the others at once (they would wait in a collective for the
+    process group's 30-minute timeout), and none outlives ``timeout``. Logs go to files: no pipe can fill."""
+    deadline = time.monotonic() + timeout
+    try:
+        while any(p.poll() is None for p in processes):
+            if any(p.poll() not in (None, 0) for p in processes) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
 @pytest.mark.slow
 def test_two_nodes_train_together_and_each_reads_its_own_data(shards, tmp_path):
     (tmp_path / "config.yaml").write_text(CONFIG.format(out=tmp_path, shards=shards))
     base_env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
                 "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    logs = [tmp_path / f"node{rank}.log" for rank in (0, 1)]
     nodes = [subprocess.Popen([FACT_TRAIN, "fit", "--config", str(tmp_path / "config.yaml")], cwd=ROOT,
-                              env={**base_env, "NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
-    try:
-        outputs = [node.communicate(timeout=400)[0] for node in nodes]
-    finally:
-        for node in nodes:
-            if node.poll() is None:
-                node.kill()
-    for node, output in zip(nodes, outputs):
-        assert node.returncode == 0, output[-3000:]
+                              env={**base_env, "NODE_RANK": str(rank)}, stdout=log.open("w"),
+                              stderr=subprocess.STDOUT, text=True) for rank, log in zip((0, 1), logs)]
+    wait_together(nodes, timeout=400)
+    for node, log in zip(nodes, logs):
+        assert node.returncode == 0, log.read_text()[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [(r["node_rank"], r["global_rank"]) for r in ranks] == [(0, 0), (1, 1)]
