@@ -6,7 +6,8 @@
 SD1.5-size random weights (``benchmarks.sd15``), 512 px, the frozen parts in bf16 under bf16 autocast
 (``--precision bf16-mixed``, the default on CUDA; ``32``, all float32, is the CPU default), the official Prj and
 16 SFAGS in float32. A step is ``FactModule.compute_losses`` + ``loss.backward()`` + gradient clipping (1.0,
-as configs/sd15.yaml) + Adam. Two variants in the same run, at the same batch size (``--batch``, 8):
+the diffusers examples'; configs/sd15*.yaml do not clip, so this slightly overstates their step) + Adam. Two
+variants in the same run, at the same batch size (``--batch``, 8):
 
 - ``plain``: the loop as the diffusers training examples write it: VAE and text encoder every step,
   bf16 autocast with float32 trainable weights, non-fused Adam, no compile, no channels-last;
@@ -42,7 +43,7 @@ from fact_lightning.training.module import FactModule
 log = logging.getLogger("benchmarks.gpu")
 
 TARGET_MFU, TARGET_SPEEDUP = 0.5, 2.0
-GRAD_CLIP = 1.0  # configs/sd15.yaml gradient_clip_val; the diffusers examples' max_grad_norm
+GRAD_CLIP = 1.0  # the diffusers examples' max_grad_norm (configs/sd15*.yaml do not clip, as the paper)
 # Dense bf16 tensor-core peaks (TFLOP/s), matched against torch.cuda.get_device_name() in this order.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
                ("A100", 312.0))

@@ -41,3 +41,14 @@ def test_typo_fails_with_lightningcli_message(tmp_path, capsys):
         FactCLI(FactModule, FactDataModule, run=False, args=["--config", str(bad)])
     err = capsys.readouterr().err
     assert "fair_wieght" in err and "error:" in err
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_recipes_follow_the_paper(path):
+    """The curriculum's ramp follows trainer.max_steps, FAIR is Eq. 3 as written, and no recipe clips gradients
+    (the DDP and FSDP2 recipes must train the same way)."""
+    first = [a for base in OVERRIDES.get(path.name, []) for a in ("--config", str(path.parent / base))]
+    config = parse_only(*first, "--config", str(path))
+    assert config.model.shuffle.ramp_steps is None and config.trainer.max_steps > 0
+    assert config.model.fair_denominator == "live"
+    assert config.trainer.gradient_clip_val is None

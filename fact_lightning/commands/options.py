@@ -17,7 +17,8 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from fact_lightning.inference.generator import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_STEPS, INPAINT_GUIDANCE
+from fact_lightning.inference.generator import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_STEPS,
+                                                INPAINT_ADAPTER_SCALE, INPAINT_GUIDANCE)
 from fact_lightning.inference.pipelines import DEFAULT_SCHEDULER, SCHEDULERS
 from fact_lightning.models.sfags import INFERENCE_ADAPTER_SCALE
 
@@ -140,13 +141,17 @@ class SamplingOptions:
     subject: Annotated[str, typer.Option(
         metavar="TEXT", rich_help_panel=SAMPLING, help="Replaces {subject} in the prompts.")] = "a person"
     negative_prompt: Annotated[str, typer.Option(
-        metavar="TEXT", rich_help_panel=SAMPLING, help="Negative prompt ('' for none).")] = DEFAULT_NEGATIVE_PROMPT
+        metavar="TEXT", rich_help_panel=SAMPLING,
+        help="Negative prompt ('' for none). The default is the official FaceAdapter_v1.generate's fallback; "
+             "the official text-to-image app passes '' and its web app a list of its own.")] = DEFAULT_NEGATIVE_PROMPT
     seed: Annotated[list[int], typer.Option(
         metavar="INT", rich_help_panel=SAMPLING, help="Repeatable; default 0.")] = dataclasses.field(default_factory=list)
     num_images: Annotated[int, typer.Option(
         metavar="INT", rich_help_panel=SAMPLING, help="Images per prompt and seed.")] = 1
-    adapter_scale: Annotated[float, typer.Option(
-        metavar="FLOAT", rich_help_panel=SAMPLING, help="Adapter scale a of Eq. 2 (0: the base model).")] = INFERENCE_ADAPTER_SCALE
+    adapter_scale: Annotated[Optional[float], typer.Option(
+        metavar="FLOAT", rich_help_panel=SAMPLING, show_default=False,
+        help=f"Adapter scale a of Eq. 2 (0: the base model); default {INFERENCE_ADAPTER_SCALE}, "
+             f"{INPAINT_ADAPTER_SCALE} with --template (the official apps').")] = None
     scale: Annotated[Optional[float], typer.Option("--scale", hidden=True)] = None  # old name of --adapter-scale
     guidance_scale: Annotated[Optional[float], typer.Option(
         metavar="FLOAT", rich_help_panel=SAMPLING, show_default=False,
@@ -158,8 +163,8 @@ class SamplingOptions:
         "branch has the id-drop embedding (Eq. 5).")] = False
     face_delay: Annotated[float, typer.Option(
         metavar="FRACTION", rich_help_panel=SAMPLING,
-        help="The adapter acts only after this fraction of the steps "
-             "(official delayed_face_condition).")] = 0.0
+        help="The adapter acts only after this fraction of the steps (0: all, 1: none); our "
+             "implementation of the official delayed_face_condition.")] = 0.0
     steps: Annotated[int, typer.Option(
         metavar="INT", rich_help_panel=SAMPLING, help="Denoising steps.")] = DEFAULT_STEPS
     height: Annotated[Optional[int], typer.Option(
@@ -169,7 +174,7 @@ class SamplingOptions:
 
     def __post_init__(self) -> None:
         if self.scale is not None:
-            if self.adapter_scale not in (INFERENCE_ADAPTER_SCALE, self.scale):
+            if self.adapter_scale not in (None, self.scale):
                 raise ValueError("give --adapter-scale only (--scale is its old name)")
             self.adapter_scale, self.scale = self.scale, None
         if self.steps < 1:
@@ -199,8 +204,14 @@ class SamplingOptions:
         prompts = list(self.prompt) + (read_prompts(self.prompts, self.subject) if self.prompts else [])
         return [p.replace("{subject}", self.subject) for p in prompts]
 
-    def generate_kwargs(self, guidance_scale: float) -> dict:
+    def scale_for(self, mode: str) -> float:
+        """``--adapter-scale``, or the official app's for ``mode`` (txt2img, inpaint, controlnet)."""
+        if self.adapter_scale is not None:
+            return self.adapter_scale
+        return INPAINT_ADAPTER_SCALE if mode == "inpaint" else INFERENCE_ADAPTER_SCALE
+
+    def generate_kwargs(self, guidance_scale: float, mode: str = "txt2img") -> dict:
         """Keyword arguments of ``FacePortraitGenerator.__call__`` (seed, prompt and images per call aside)."""
-        return dict(negative_prompt=self.negative_prompt or None, adapter_scale=self.adapter_scale,
+        return dict(negative_prompt=self.negative_prompt or None, adapter_scale=self.scale_for(mode),
                     guidance_scale=guidance_scale, num_inference_steps=self.steps, height=self.height,
                     width=self.width, text_only_guidance=self.text_only_guidance, face_delay=self.face_delay)

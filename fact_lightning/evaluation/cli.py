@@ -124,7 +124,7 @@ def evaluate(opts: EvaluateOptions, weights: WeightOptions, sampling: SamplingOp
             adapter_imgs, base_imgs, used_prompts = [], [], []
             for p, prompt in enumerate(prompts):
                 for seed in seeds:
-                    with_adapter = generator(prompt, identity, adapter_scale=sampling.adapter_scale, seed=seed,
+                    with_adapter = generator(prompt, identity, adapter_scale=sampling.scale_for("txt2img"), seed=seed,
                                              **common)[0]
                     without = generator(prompt, identity, adapter_scale=0.0, seed=seed, **common)[0]
                     with_adapter.save(output.path(f"images/{name}/p{p:03d}_s{seed}.png"))
@@ -163,7 +163,7 @@ def evaluate(opts: EvaluateOptions, weights: WeightOptions, sampling: SamplingOp
                        "images": len(all_adapter)},
             "settings": {"sources": sources.to_dict(), "clip": opts.clip or "tiny-random",
                          "face_model": opts.face_model, "fid_features": "clip-image-embedding",
-                         "adapter_scale": sampling.adapter_scale, "guidance_scale": guidance,
+                         "adapter_scale": sampling.scale_for("txt2img"), "guidance_scale": guidance,
                          "negative_prompt": sampling.negative_prompt,
                          "text_only_guidance": sampling.text_only_guidance, "face_delay": sampling.face_delay,
                          "steps": sampling.steps, "seeds": seeds, "prompts": prompts},

@@ -45,6 +45,10 @@ class GenerateOptions:
     mask_dilate: Annotated[float, typer.Option(
         metavar="FRACTION", rich_help_panel=INPAINT, help="Grow the detected mask by this fraction of the face size.")] = 0.1
     head_mask: Annotated[bool, flag("--head-mask", INPAINT, "Regenerate the head region, not only the face.")] = False
+    strength: Annotated[Optional[float], typer.Option(
+        metavar="FLOAT", rich_help_panel=INPAINT, show_default=False,
+        help="How far the face region is re-noised (1.0: from noise; strength x steps are run); default 0.6, "
+             "the official inpainting app's.")] = None
     control_image: Annotated[Optional[Path], typer.Option(
         metavar="IMAGE", rich_help_panel=CONTROL,
         help="Conditioning image of --controlnet (e.g. an OpenPose skeleton).")] = None
@@ -55,6 +59,11 @@ class GenerateOptions:
     def __post_init__(self) -> None:
         if self.mask is not None and self.template is None:
             raise ValueError("--mask needs --template (the inpainting portrait mode)")
+        if self.strength is not None:
+            if self.template is None:
+                raise ValueError("--strength needs --template (the inpainting portrait mode)")
+            if not 0.0 < self.strength <= 1.0:
+                raise ValueError(f"--strength must be in (0, 1], got {self.strength}")
 
 
 def _mode(opts: GenerateOptions, weights: WeightOptions) -> str:
@@ -99,7 +108,7 @@ def generate(opts: GenerateOptions, weights: WeightOptions, sampling: SamplingOp
     from PIL import Image
 
     from fact_lightning.faces.reference import NoFaceError, face_region_mask
-    from fact_lightning.inference.generator import DEFAULT_GUIDANCE, INPAINT_GUIDANCE
+    from fact_lightning.inference.generator import recipe_defaults
     from fact_lightning.inference.loading import load_detector, load_generator
     from fact_lightning.inference.outputs import OutputFolder, read_image
 
@@ -122,12 +131,14 @@ def generate(opts: GenerateOptions, weights: WeightOptions, sampling: SamplingOp
                 raise NoFaceError(f"template photo {opts.template}: {err}; give its --mask", err.reason) from None
     generator = load_generator(sources, detector)
     identity = generator.encode_references(faces, aligned=True)
-    guidance = sampling.guidance_scale
-    if guidance is None:
-        guidance = INPAINT_GUIDANCE if mode == "inpaint" else DEFAULT_GUIDANCE
+    # The official app's settings for this mode, resolved here so that settings.json records what was used.
+    recipe = recipe_defaults(mode == "inpaint")
+    guidance = recipe["guidance_scale"] if sampling.guidance_scale is None else sampling.guidance_scale
+    strength = recipe["strength"] if opts.strength is None else opts.strength
+    call = sampling.generate_kwargs(guidance, mode)
     extra = {}
     if mode == "inpaint":
-        extra = dict(image=Image.fromarray(template), mask_image=Image.fromarray(mask))
+        extra = dict(image=Image.fromarray(template), mask_image=Image.fromarray(mask), strength=strength)
     elif mode == "controlnet":
         extra = dict(control_image=Image.fromarray(control), controlnet_conditioning_scale=opts.controlnet_scale)
 
@@ -141,8 +152,7 @@ def generate(opts: GenerateOptions, weights: WeightOptions, sampling: SamplingOp
         task = bar.add_task("images", total=len(prompts) * len(sampling.seeds) * sampling.num_images)
         for p, prompt in enumerate(prompts):
             for seed in sampling.seeds:
-                images = generator(prompt, identity, seed=seed, num_images=sampling.num_images,
-                                   **sampling.generate_kwargs(guidance), **extra)
+                images = generator(prompt, identity, seed=seed, num_images=sampling.num_images, **call, **extra)
                 for k, image in enumerate(images):
                     name = f"images/p{p:03d}_s{seed}_{k}.png"
                     image.save(output.path(name))
@@ -151,8 +161,8 @@ def generate(opts: GenerateOptions, weights: WeightOptions, sampling: SamplingOp
         settings = {
             "mode": mode, "sources": sources.to_dict(), "references": [str(p) for p in opts.reference],
             "aligned_reference": opts.aligned_reference, "any_face": opts.any_face,
-            "negative_prompt": sampling.negative_prompt, "adapter_scale": sampling.adapter_scale,
-            "guidance_scale": guidance, "text_only_guidance": sampling.text_only_guidance,
+            "negative_prompt": sampling.negative_prompt, "adapter_scale": call["adapter_scale"],
+            "guidance_scale": guidance, "strength": strength, "text_only_guidance": sampling.text_only_guidance,
             "face_delay": sampling.face_delay, "steps": sampling.steps, "seeds": sampling.seeds,
             "num_images": sampling.num_images, "height": sampling.height, "width": sampling.width,
             "template": None if opts.template is None else str(opts.template),
@@ -168,8 +178,9 @@ HELP = help_text("""
     Portraits of the person in the reference photos: a FACT adapter on SD1.5.
 
     Writes OUT/images/*.png, OUT/references/*.png (the aligned faces the encoder saw) and
-    OUT/settings.json. Defaults are the official FACT app's: PNDM, 50 steps, guidance 7.0 (5.0 when
-    inpainting), adapter scale 0.5, guidance over text and face at once (Eq. 5).
+    OUT/settings.json. Defaults are the official FACT apps': PNDM, 50 steps, guidance 7.0 and adapter
+    scale 0.5 (inpainting: guidance 5.0, adapter scale 0.55, strength 0.6, one pass), guidance over text
+    and face at once (Eq. 5).
 """)
 
 

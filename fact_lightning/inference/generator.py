@@ -5,10 +5,12 @@ Guidance is the paper's Eq. 5 over both conditions at once, ``(1 + w) * H(text, 
 Prj(zeros))``. diffusers computes ``uncond + g * (cond - uncond)`` on the batch ``[uncond, cond]``; we pass
 the identity embeddings in the same order, ``[Prj(zeros), e_id]``, so the unconditional branch carries the
 negative prompt *and* the id-drop embedding. The paper's "CFG scale 7.0" is passed as ``guidance_scale=7.0``,
-as the official code passes it (facechain ``inference_fact.py``); the official inpainting app uses 5.0.
+as the official code passes it (facechain ``inference_fact.py``). An inpainting pipeline gets the inpainting
+stage of the official ``inference_inpaint_fact.py`` instead: guidance 5.0, adapter scale 0.55, strength 0.6
+(one pass; that app's ControlNets, refinement passes and face fusion are not part of this generator).
 ``text_only_guidance=True`` is the official ``cfg_face=False``: both branches carry e_id, so guidance
-pushes along the text only. ``face_delay`` is the official ``delayed_face_condition``: the adapter acts
-only from that fraction of the denoising steps on.
+pushes along the text only. ``face_delay`` is our implementation of the official ``delayed_face_condition``
+(see ``FacePortraitGenerator.__call__``).
 """
 
 from __future__ import annotations
@@ -29,12 +31,25 @@ from .pipelines import DEFAULT_SCHEDULER, build_pipeline, load_lora
 
 log = logging.getLogger(__name__)
 
-# The official apps' settings (facechain inference_fact.py / inference_inpaint_fact.py); the adapter scale
-# is models.sfags.INFERENCE_ADAPTER_SCALE (0.5).
+# The official apps' settings (facechain inference_fact.py / inference_inpaint_fact.py); the text-to-image
+# adapter scale is models.sfags.INFERENCE_ADAPTER_SCALE (0.5).
 DEFAULT_GUIDANCE = 7.0  # text-to-image (and ControlNet): the paper's "CFG 7.0", passed as guidance_scale
 INPAINT_GUIDANCE = 5.0  # the inpainting app
+INPAINT_ADAPTER_SCALE = 0.55  # the inpainting app's inpainting stage (its pose stage uses 0.5)
+INPAINT_STRENGTH = 0.6  # the inpainting app's inpainting pass (its refinement passes use 0.1 and 0.025)
 DEFAULT_STEPS = 50
+# Not the apps' negative prompt: it is the fallback of the official FaceAdapter_v1.generate when a caller gives
+# none. The text-to-image app passes an empty one by default, the web app a long list of its own (with A1111
+# "(word:1.4)" weights that stock diffusers does not parse). We keep the fallback as our default.
 DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
+
+
+def recipe_defaults(inpaint: bool) -> dict:
+    """The official app's adapter scale, guidance and (inpainting only) strength for a mode."""
+    if inpaint:
+        return {"adapter_scale": INPAINT_ADAPTER_SCALE, "guidance_scale": INPAINT_GUIDANCE,
+                "strength": INPAINT_STRENGTH}
+    return {"adapter_scale": INFERENCE_ADAPTER_SCALE, "guidance_scale": DEFAULT_GUIDANCE, "strength": None}
 
 
 @dataclass(frozen=True)
@@ -141,7 +156,8 @@ class FacePortraitGenerator:
     # -- generation -------------------------------------------------------------------------------------
     def __call__(self, prompt: str | list[str], identity: IdentityCondition, *,
                  negative_prompt: str | list[str] | None = DEFAULT_NEGATIVE_PROMPT,
-                 adapter_scale: float = INFERENCE_ADAPTER_SCALE, guidance_scale: float | None = None,
+                 adapter_scale: float | None = None, guidance_scale: float | None = None,
+                 strength: float | None = None,
                  num_inference_steps: int = DEFAULT_STEPS, seed: int | None = 0, num_images: int = 1,
                  height: int | None = None, width: int | None = None, text_only_guidance: bool = False,
                  face_delay: float = 0.0, image=None, mask_image=None, control_image=None,
@@ -149,15 +165,24 @@ class FacePortraitGenerator:
                  keep_outside_mask: bool = True, output_type: str = "pil", **pipeline_kwargs) -> list:
         """Generates ``num_images`` per prompt. Returns PIL images (or float arrays in [0, 1] for ``"np"``).
 
-        Defaults are the official app's: ``adapter_scale`` 0.5, ``guidance_scale`` 7.0 (5.0 for an
-        inpainting pipeline when None), 50 steps, the official negative prompt (a string applies to every
-        prompt; None or "" for none). ``text_only_guidance``: both guidance branches carry e_id (official
-        ``cfg_face=False``). ``face_delay`` in [0, 1]: denoising steps before that fraction of the loop run
-        without the adapter (official ``delayed_face_condition``; 1.0 equals ``adapter_scale=0``).
+        Defaults (None) are the official apps' (:func:`recipe_defaults`): ``adapter_scale`` 0.5 and
+        ``guidance_scale`` 7.0 for text-to-image and ControlNet; 0.55, 5.0 and ``strength`` 0.6 for an
+        inpainting pipeline; 50 steps. ``negative_prompt``: a string applies to every prompt, None or "" for
+        none; the default is ``FaceAdapter_v1.generate``'s fallback, not what the official apps pass
+        (``DEFAULT_NEGATIVE_PROMPT``). ``text_only_guidance``: both guidance branches carry e_id (official
+        ``cfg_face=False``).
+
+        ``face_delay`` in [0, 1] is our implementation of the official ``delayed_face_condition``: the first
+        ``ceil(face_delay * T)`` of the T denoising steps run without the adapter, the rest with it. The
+        official call hands the delay to facechain's patched pipeline; stock diffusers drops those arguments
+        silently, so we switch the adapter on mid-run from ``callback_on_step_end`` instead. 0 is the adapter
+        on every step; 1 is no adapter at all (the base pipeline with this call's guidance and prompts).
+
         Inpainting (an inpaint pipeline): ``image`` is the template, ``mask_image`` its face region (white =
-        regenerate). With ``keep_outside_mask`` the template's pixels outside the mask are pasted back, so
-        only the face region changes (the inpainting portrait mode). ControlNet: ``control_image``.
-        ``lora_scale`` scales a loaded LoRA for this call.
+        regenerate), ``strength`` how far that region is re-noised (1.0: from pure noise; the pipeline runs
+        ``int(strength * steps)`` steps). With ``keep_outside_mask`` the template's pixels outside the mask are
+        pasted back, so only the face region changes (the inpainting portrait mode). ControlNet:
+        ``control_image``. ``lora_scale`` scales a loaded LoRA for this call.
         """
         if "scale" in pipeline_kwargs:  # diffusers would swallow it silently: the old name of adapter_scale
             raise TypeError("scale= is not an option of the generator: the adapter scale is adapter_scale=")
@@ -175,8 +200,16 @@ class FacePortraitGenerator:
         if not 0.0 <= face_delay <= 1.0:
             raise ValueError(f"face_delay is a fraction of the steps in [0, 1], got {face_delay}")
         kind = type(self.pipeline).__name__
-        if guidance_scale is None:
-            guidance_scale = INPAINT_GUIDANCE if "Inpaint" in kind else DEFAULT_GUIDANCE
+        inpaint = "Inpaint" in kind
+        recipe = recipe_defaults(inpaint)
+        adapter_scale = recipe["adapter_scale"] if adapter_scale is None else adapter_scale
+        guidance_scale = recipe["guidance_scale"] if guidance_scale is None else guidance_scale
+        if strength is not None and not inpaint:
+            raise ValueError(f"strength is for inpainting; this is a {kind}")
+        strength = recipe["strength"] if strength is None else strength
+        if inpaint and not (0.0 < strength <= 1.0 and int(strength * num_inference_steps) >= 1):
+            raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no denoising step: "
+                             "strength must be in (0, 1] and strength x steps at least 1")
         batch = len(prompts) * num_images
         condition = dict(guidance=guidance_scale > 1.0, text_only_guidance=text_only_guidance, lora_scale=lora_scale)
         with_face = self.cross_attention_kwargs(identity, batch, adapter_scale=adapter_scale, **condition)
@@ -192,10 +225,10 @@ class FacePortraitGenerator:
             kwargs["cross_attention_kwargs"] = self.cross_attention_kwargs(identity, batch, adapter_scale=0.0,
                                                                            **condition)
             kwargs["callback_on_step_end"] = _FaceFrom(face_delay, with_face)
-        if "Inpaint" in kind:
+        if inpaint:
             if image is None or mask_image is None:
                 raise ValueError("inpainting needs a template image and its mask_image")
-            kwargs.update(image=image, mask_image=mask_image)
+            kwargs.update(image=image, mask_image=mask_image, strength=strength)
         elif image is not None or mask_image is not None:
             raise ValueError(f"image/mask_image are for inpainting; this is a {kind}")
         if "ControlNet" in kind:
@@ -206,7 +239,7 @@ class FacePortraitGenerator:
             raise ValueError(f"control_image is for a ControlNet pipeline; this is a {kind}")
         with torch.no_grad():
             images = self.pipeline(height=height, width=width, **kwargs, **pipeline_kwargs).images
-        if "Inpaint" in kind and keep_outside_mask:
+        if inpaint and keep_outside_mask:
             images = paste_outside_mask(images, image, mask_image)
         if output_type == "np":
             return list(images)
@@ -217,7 +250,8 @@ class _FaceFrom:
     """``callback_on_step_end`` that switches the adapter on once ``fraction`` of the denoising loop is done.
 
     Step ``i`` of ``T`` runs without the adapter while ``i < fraction * T``; the pipeline reads its
-    ``cross_attention_kwargs`` afresh at every step, so the switch takes effect at the next one.
+    ``cross_attention_kwargs`` afresh at every step, so the switch takes effect at the next one. ``T`` is the
+    steps the pipeline actually runs (``num_timesteps``: after an inpainting strength has shortened the loop).
     """
 
     def __init__(self, fraction: float, with_face: dict):

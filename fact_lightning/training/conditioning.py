@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import Literal
 
@@ -39,12 +39,15 @@ class ShuffleSchedule:
     """The face-shuffle curriculum (paper 3.3): p_shuffle as a function of the optimizer step.
 
     ``start`` until ``warmup_steps``, then a ``linear`` or ``cosine`` (half-cosine ease-in-out) ramp over
-    ``ramp_steps`` to ``end``, held after. The module evaluates it at every step; it is saved with the run.
+    ``ramp_steps`` to ``end``, held after. ``ramp_steps=None`` (the default) ends the ramp with the run: the
+    module sets it to the run's length less the warmup when training starts (:meth:`resolve`), so changing
+    ``trainer.max_steps`` stretches the curriculum with it; an explicit value is kept as given. The module
+    evaluates it at every step; the resolved schedule is saved with the run.
     """
 
     start: float = 0.2
     end: float = 0.6
-    ramp_steps: int = 10_000
+    ramp_steps: int | None = None
     warmup_steps: int = 0
     shape: Literal["linear", "cosine"] = "linear"
 
@@ -52,16 +55,32 @@ class ShuffleSchedule:
         for name in ("start", "end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"shuffle schedule {name} must be a probability, got {getattr(self, name)}")
-        if self.ramp_steps < 0 or self.warmup_steps < 0:
+        if (self.ramp_steps is not None and self.ramp_steps < 0) or self.warmup_steps < 0:
             raise ValueError("shuffle schedule ramp_steps and warmup_steps must be >= 0")
         if self.shape not in ("linear", "cosine"):
             raise ValueError(f"shuffle schedule shape must be linear or cosine, got {self.shape!r}")
 
+    def resolve(self, total_steps: int) -> ShuffleSchedule:
+        """This schedule for a run of ``total_steps`` optimizer steps: an unset ramp ends at the run's end."""
+        if self.ramp_steps is not None:
+            return self
+        return replace(self, ramp_steps=max(int(total_steps) - self.warmup_steps, 0))
+
+    @property
+    def ramp_end(self) -> int | None:
+        """The step at which p_shuffle reaches ``end`` (None until resolved)."""
+        return None if self.ramp_steps is None else self.warmup_steps + self.ramp_steps
+
     def value(self, step: int) -> float:
-        if self.ramp_steps == 0:
+        ramp = self.ramp_steps
+        if ramp is None:
+            if step > self.warmup_steps:
+                raise ValueError("the shuffle ramp follows the run's length: resolve(max_steps) the schedule first")
+            ramp = 1  # up to the ramp's start its length does not matter (validation before training)
+        if ramp == 0:
             frac = 1.0 if step >= self.warmup_steps else 0.0
         else:
-            frac = min(max((step - self.warmup_steps) / self.ramp_steps, 0.0), 1.0)
+            frac = min(max((step - self.warmup_steps) / ramp, 0.0), 1.0)
         if self.shape == "cosine":
             frac = 0.5 - 0.5 * math.cos(math.pi * frac)
         return self.start + (self.end - self.start) * frac

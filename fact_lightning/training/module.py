@@ -8,14 +8,15 @@ state, the curriculum and the skipped-step count).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import asdict
 from typing import Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 
 from torch.distributed import ReduceOp
 
@@ -46,11 +47,15 @@ class FactModule(pl.LightningModule):
         optimizer, lr_scheduler: callables over the adapter's parameters (LightningCLI fills them). A fused
             Adam/AdamW (``fused: true``) skips a non-finite step on the device, without a host sync.
         adapter_scale: a in Eq. 2 during training (1.0 in the paper).
-        shuffle: the face-shuffle curriculum, evaluated at every optimizer step (0.2 -> 0.6 in the paper).
+        shuffle: the face-shuffle curriculum, evaluated at every optimizer step (0.2 -> 0.6 in the paper); its
+            ramp ends with the run (``trainer.max_steps``) unless ``ramp_steps`` is given.
         face_drop, text_drop: condition-drop probabilities; joint_drop: an extra probability of dropping both.
         mask_loss_prob: p of M_r(p); mask_loss_normalize: ``all_pixels`` (the paper's plain norm) or
-            ``mask_area`` (a masked sample divided by its face area).
+            ``mask_area`` (a masked sample divided by its face area). M is the binary face region on the
+            latent grid (``losses.face_region``), in the loss and in FAIR.
         fair_weight: lambda in Eq. 4.
+        fair_denominator: ``live`` (Eq. 3 as written: gradient through both norms, reaching Prj and earlier
+            blocks' adapters through x) or ``detached`` (x a constant normaliser; an ablation, not the paper).
         seed: seeds every per-sample draw together with the step and the sample key.
         max_nonfinite_steps: stop the run (an error, no export) after this many consecutive non-finite steps.
         check_base_on_resume: refuse a checkpoint that was trained on another base model.
@@ -74,6 +79,7 @@ class FactModule(pl.LightningModule):
         mask_loss_prob: float = 0.5,
         mask_loss_normalize: Literal["all_pixels", "mask_area"] = "all_pixels",
         fair_weight: float = 0.01,
+        fair_denominator: Literal["live", "detached"] = "live",
         seed: int = 0,
         max_nonfinite_steps: int = 10,
         check_base_on_resume: bool = True,
@@ -89,17 +95,22 @@ class FactModule(pl.LightningModule):
         self.hparams["shuffle"] = asdict(shuffle)
         self.base_spec = base
         self.projection_config = projection
+        self.shuffle_config = shuffle  # as configured; ``shuffle`` is the schedule in use (its ramp resolved)
         self.shuffle = shuffle
+        self._ramp_source = "model.shuffle.ramp_steps"
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.probabilities(0)  # validates the probabilities early
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
+        if fair_denominator not in losses.FAIR_DENOMINATORS:
+            raise ValueError(f"fair_denominator must be one of {losses.FAIR_DENOMINATORS}, got {fair_denominator!r}")
         self.strict_loading = False  # frozen weights are not in our checkpoints; on_load_checkpoint checks strictly
         self.adapter: FaceAdapter | None = None
         self.nonfinite_steps = 0  # skipped steps of the whole run (checkpointed)
         self._nonfinite = NonFiniteTracker()
         self._throughput: tuple[float, int] | None = None  # (time, batches) at the last logging step
+        self._saved_shuffle: dict | None = None  # the curriculum a resumed checkpoint ran with
 
     # -- building --------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -144,10 +155,45 @@ class FactModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
 
     def probabilities(self, step: int) -> ConditionProbabilities:
-        """The condition probabilities at optimizer step ``step`` (p_shuffle from the curriculum)."""
+        """The condition probabilities at optimizer step ``step`` (p_shuffle from the curriculum).
+
+        Outside a fit (direct calls, benchmarks) a ramp that follows the run's length has no length yet and
+        p_shuffle stays at the curriculum's start.
+        """
         hp = self.hparams
-        return ConditionProbabilities(self.shuffle.value(max(step, 0)), hp.face_drop, hp.text_drop, hp.mask_loss_prob,
-                                      hp.joint_drop)
+        step = max(step, 0)
+        p_shuffle = self.shuffle.start if self.shuffle.ramp_steps is None else self.shuffle.value(step)
+        return ConditionProbabilities(p_shuffle, hp.face_drop, hp.text_drop, hp.mask_loss_prob, hp.joint_drop)
+
+    # -- the curriculum's length -------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        # Before any checkpoint is restored (either strategy order), so saved and current schedules compare.
+        if stage != "fit":
+            return
+        self.shuffle = self.shuffle_config  # each fit resolves the configured schedule for its own length
+        self._ramp_source = "model.shuffle.ramp_steps"
+        if self.shuffle.ramp_steps is None and self.trainer.max_steps > 0:
+            self.shuffle = self.shuffle.resolve(self.trainer.max_steps)
+            self._ramp_source = "trainer.max_steps"
+
+    def on_train_start(self) -> None:
+        if self.shuffle.ramp_steps is None:  # an epoch-bounded run: its length is known once data is set up
+            total = self.trainer.estimated_stepping_batches
+            if not math.isfinite(total):
+                raise UserError("model.shuffle.ramp_steps is unset (the run's length) and the run has no known "
+                                "length: set trainer.max_steps or model.shuffle.ramp_steps")
+            self.shuffle = self.shuffle.resolve(int(total))
+            self._ramp_source = "the run's estimated steps"
+        last = self.trainer.max_steps
+        short = f"; the run stops at step {last}, before that" if 0 < last < self.shuffle.ramp_end else ""
+        s = self.shuffle
+        # Lightning's rank-0 logger: shown by fact-train beside Lightning's own start-of-run lines.
+        rank_zero_info(f"shuffle curriculum: p_shuffle {s.start:g} -> {s.end:g} ({s.shape}) from step "
+                       f"{s.warmup_steps}, reaching {s.end:g} at step {s.ramp_end} ({self._ramp_source}){short}")
+        saved, self._saved_shuffle = self._saved_shuffle, None
+        if saved is not None and saved != asdict(self.shuffle):
+            log.warning("the shuffle curriculum changed since the checkpoint (%s -> %s); continuing with the new one",
+                        saved, asdict(self.shuffle))
 
     # -- the step --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -201,10 +247,11 @@ class FactModule(pl.LightningModule):
             kwargs = self.adapter.condition(embeddings, self.hparams.adapter_scale)
             pred = self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=text,
                              cross_attention_kwargs=kwargs).sample
-            fair = losses.fair_per_block(records, batch["mask"], latent_hw)
-        mask_latent = F.interpolate(batch["mask"].to(latents.dtype), size=latent_hw, mode="area")
-        weight = losses.random_loss_masks(mask_latent, decisions.use_mask)
-        diffusion = losses.masked_diffusion_loss(pred, target, weight, self.hparams.mask_loss_normalize).mean()
+            fair = losses.fair_per_block(records, batch["mask"], latent_hw, self.hparams.fair_denominator)
+        # Eq. 4's M: the binary face region on the latent grid, as FAIR's M_x is on each block's grid.
+        face_latent = losses.face_region(batch["mask"].to(latents.dtype), latent_hw)
+        loss_mask = losses.random_loss_masks(face_latent, decisions.use_mask)
+        diffusion = losses.masked_diffusion_loss(pred, target, loss_mask, self.hparams.mask_loss_normalize).mean()
         fair_means = {path: value.mean() for path, value in fair.items()}
         fair_total = torch.stack(list(fair_means.values())).sum()
         weight_fair = self.hparams.fair_weight
@@ -329,10 +376,7 @@ class FactModule(pl.LightningModule):
         if self.hparams.check_base_on_resume and meta.get("base") not in (None, base):
             raise UserError(f"the checkpoint was trained on base model {meta['base']!r}, this run uses {base!r}; "
                             "resume with the same base, or pass --model.check_base_on_resume false to go on anyway")
-        saved = meta.get("shuffle")
-        if saved is not None and saved != asdict(self.shuffle):
-            log.warning("the shuffle curriculum changed since the checkpoint (%s -> %s); continuing with the new one",
-                        saved, asdict(self.shuffle))
+        self._saved_shuffle = meta.get("shuffle")  # compared in on_train_start, once this run's ramp is known
         self.nonfinite_steps = meta.get("nonfinite_steps", 0)
 
     def full_adapter_state(self) -> dict[str, torch.Tensor]:

@@ -15,6 +15,7 @@ from tests.inference.conftest import FACES
 
 EDGE = FACES.parent / "edge"
 OBAMA = sorted((FACES / "fr_obama").iterdir())
+BIDEN = sorted((FACES / "fr_biden").iterdir())
 FAST = ["--tiny", "--prompt", "a photo of {subject}", "--steps", "2", "--height", "64", "--width", "64"]
 
 
@@ -35,7 +36,7 @@ def test_generates_with_the_official_defaults_and_a_negative_prompt(tmp_path):
     assert settings["negative_prompt"] == "blurry, dark" and settings["mode"] == "txt2img"
     assert settings["adapter_scale"] == INFERENCE_ADAPTER_SCALE == 0.5
     assert settings["guidance_scale"] == DEFAULT_GUIDANCE == 7.0 and settings["sources"]["scheduler"] == "pndm"
-    assert settings["text_only_guidance"] is False and settings["face_delay"] == 0.0
+    assert settings["text_only_guidance"] is False and settings["face_delay"] == 0.0 and settings["strength"] is None
     assert settings["sources"]["adapter"] == str(adapter_file)
     assert "4 images" in result.stdout
     # Progress and one --tiny notice; no library noise, no repeated random-weights warnings.
@@ -54,9 +55,23 @@ def test_default_negative_prompt_and_options_of_the_official_generate(tmp_path):
     assert settings["adapter_scale"] == 0.3  # --scale: the hidden old name of --adapter-scale
 
 
+def test_inpainting_runs_the_official_inpainting_stage(tmp_path):
+    """--template: guidance 5.0, adapter scale 0.55 and strength 0.6 by default, as settings.json records."""
+    out = tmp_path / "out"
+    result = run_cli("fact-generate", *FAST, "--reference", OBAMA[0], "--template", BIDEN[0], "--out", out)
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["mode"] == "inpaint" and (out / "mask.png").is_file()
+    assert (settings["strength"], settings["adapter_scale"], settings["guidance_scale"]) == (0.6, 0.55, 5.0)
+    assert settings["negative_prompt"] == DEFAULT_NEGATIVE_PROMPT
+    # Text-to-image records no strength; --strength belongs to the inpainting mode.
+    assert_one_error(run_cli("fact-generate", *FAST, "--reference", OBAMA[0], "--strength", "0.5",
+                             "--out", tmp_path / "o"), "--strength needs --template")
+
+
 def test_help_reads_at_80_columns():
     for script, options in (("fact-generate", ["--adapter-scale", "--text-only-guidance", "--face-delay", "--any-face",
-                                               "--guidance-scale", "--negative-prompt"]),
+                                               "--guidance-scale", "--negative-prompt", "--strength"]),
                             ("fact-evaluate", ["--identities", "--clip", "--adapter-scale", "--face-model"])):
         result = run_cli(script, "--help", columns=80, timeout=120)
         assert result.returncode == 0, result.stderr

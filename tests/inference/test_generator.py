@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from fact_lightning.inference import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, INPAINT_GUIDANCE,
-                                      FacePortraitGenerator)
+from fact_lightning.inference import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, INPAINT_ADAPTER_SCALE,
+                                      INPAINT_GUIDANCE, INPAINT_STRENGTH, FacePortraitGenerator)
 from fact_lightning.inference.pipelines import build_pipeline
 from fact_lightning.models.sfags import INFERENCE_ADAPTER_SCALE
 from fact_lightning.tiny import tiny_inpaint_unet
@@ -33,7 +33,7 @@ def test_scale_zero_is_the_plain_base_pipeline_and_the_adapter_acts(tiny_base, m
 
 def test_defaults_are_the_official_apps(make_generator, tiny_base, identity, monkeypatch):
     defaults = {k: v.default for k, v in inspect.signature(FacePortraitGenerator.__call__).parameters.items()}
-    assert defaults["adapter_scale"] == INFERENCE_ADAPTER_SCALE == 0.5
+    assert defaults["adapter_scale"] is None and defaults["strength"] is None  # resolved per pipeline kind
     assert defaults["num_inference_steps"] == 50 and defaults["negative_prompt"] == DEFAULT_NEGATIVE_PROMPT
     assert DEFAULT_NEGATIVE_PROMPT == "monochrome, lowres, bad anatomy, worst quality, low quality"
     gen = make_generator()
@@ -42,7 +42,8 @@ def test_defaults_are_the_official_apps(make_generator, tiny_base, identity, mon
     seen = []
 
     def spy(pipeline, **kwargs):
-        seen.append(kwargs["guidance_scale"])
+        seen.append((kwargs["guidance_scale"], kwargs["cross_attention_kwargs"]["fact"].adapter_scale,
+                     kwargs.get("strength")))
         raise StopIteration
 
     for g, mode, extra in ((gen, "txt2img", {}),
@@ -51,7 +52,11 @@ def test_defaults_are_the_official_apps(make_generator, tiny_base, identity, mon
         monkeypatch.setattr(type(g.pipeline), "__call__", spy)
         with pytest.raises(StopIteration):
             g("a", identity, **extra)
-    assert seen == [DEFAULT_GUIDANCE, INPAINT_GUIDANCE] == [7.0, 5.0]
+    # What reaches the pipeline: the text-to-image app's settings, and the inpainting app's inpainting stage.
+    assert seen == [(DEFAULT_GUIDANCE, INFERENCE_ADAPTER_SCALE, None),
+                    (INPAINT_GUIDANCE, INPAINT_ADAPTER_SCALE, INPAINT_STRENGTH)] == [(7.0, 0.5, None), (5.0, 0.55, 0.6)]
+    with pytest.raises(ValueError, match="strength is for inpainting"):
+        gen("a", identity, strength=0.6, **FAST)
 
 
 def test_a_negative_prompt_string_goes_with_every_prompt(make_generator, identity):
@@ -95,17 +100,38 @@ def test_text_only_guidance_gives_the_unconditional_branch_e_id(make_generator, 
     assert _diff(off, gen("a portrait", identity, seed=0, adapter_scale=0.0, text_only_guidance=True, **FAST)[0]) == 0
 
 
-def test_face_delay_switches_the_adapter_on_after_a_fraction_of_the_steps(make_generator, identity):
-    gen = make_generator()
+def test_face_delay_switches_the_adapter_on_after_a_fraction_of_the_steps(tiny_base, make_generator, identity):
+    """Our delayed_face_condition: delay 0 is the adapter on the whole run, delay 1 the plain base pipeline."""
+    gen = make_generator(base=tiny_base)
     fast = {**FAST, "num_inference_steps": 4}
     normal = gen("a portrait", identity, seed=0, **fast)[0]
     no_face = gen("a portrait", identity, seed=0, adapter_scale=0.0, **fast)[0]
+    plain = build_pipeline(tiny_base)
+    plain.set_progress_bar_config(disable=True)
+    base_image = plain("a portrait", negative_prompt=DEFAULT_NEGATIVE_PROMPT, guidance_scale=DEFAULT_GUIDANCE,
+                       generator=torch.Generator().manual_seed(0), **fast).images[0]
+    assert _diff(no_face, base_image) < 1e-5
     assert _diff(gen("a portrait", identity, seed=0, face_delay=1.0, **fast)[0], no_face) == 0
     assert _diff(gen("a portrait", identity, seed=0, face_delay=0.0, **fast)[0], normal) == 0
     half = gen("a portrait", identity, seed=0, face_delay=0.5, **fast)[0]
     assert _diff(half, normal) > 1e-5 and _diff(half, no_face) > 1e-5
     with pytest.raises(ValueError, match="face_delay"):
         gen("a", identity, face_delay=1.5, **FAST)
+
+
+def test_face_delay_counts_the_steps_an_inpainting_strength_leaves(tiny_base, make_generator, identity):
+    gen = make_generator(mode="inpaint", base=dataclasses.replace(tiny_base, unet=tiny_inpaint_unet(tiny_base)))
+    template = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    args = dict(image=template, mask_image=mask, seed=0, **{**FAST, "num_inference_steps": 4})  # 0.6 x 4: 2 run
+    normal, no_face = gen("a", identity, **args)[0], gen("a", identity, adapter_scale=0.0, **args)[0]
+    assert _diff(gen("a", identity, face_delay=0.0, **args)[0], normal) == 0
+    assert _diff(gen("a", identity, face_delay=1.0, **args)[0], no_face) == 0
+    half = gen("a", identity, face_delay=0.5, **args)[0]  # the first of the two steps without the adapter
+    assert _diff(half, normal) > 1e-6 and _diff(half, no_face) > 1e-6
+    with pytest.raises(ValueError, match="no denoising step"):
+        gen("a", identity, strength=0.2, **args)
 
 
 def test_bad_settings_are_refused(make_generator, identity):

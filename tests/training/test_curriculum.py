@@ -23,3 +23,16 @@ def test_rejects_bad_settings():
         ShuffleSchedule(ramp_steps=-1)
     with pytest.raises(ValueError, match="shape"):
         ShuffleSchedule(shape="step")
+
+
+def test_an_unset_ramp_ends_with_the_run_and_an_explicit_one_wins():
+    s = ShuffleSchedule(start=0.2, end=0.6)
+    assert s.ramp_steps is None and s.value(0) == pytest.approx(0.2)  # the start needs no run length
+    with pytest.raises(ValueError, match="resolve"):
+        s.value(1)
+    run = s.resolve(400)
+    assert run.ramp_steps == 400 and run.ramp_end == 400 and run.value(200) == pytest.approx(0.4)
+    warm = ShuffleSchedule(warmup_steps=100).resolve(400)
+    assert warm.ramp_steps == 300 and warm.ramp_end == 400
+    fixed = ShuffleSchedule(ramp_steps=50)
+    assert fixed.resolve(400) is fixed and fixed.ramp_end == 50
