@@ -1,112 +1,47 @@
 """Reading built datasets: `inspect` checks, decoded images for previews, shard-level identity verification.
 
-Raw samples come from :func:`fact_lightning.data.shards.iter_raw_samples` (webdataset's tar stages); a
-shard that cannot be read, or a member that cannot be decoded, raises ShardError naming the shard.
+Raw samples come from :func:`fact_lightning.data.shards.iter_raw_samples` (webdataset's tar stages) and are
+decoded and checked only by :func:`fact_lightning.data.shards.decode_sample`, the member table training reads
+through too; a shard that cannot be read, or a member that is unknown or does not decode or fit, is named
+with its shard and sample key.
 """
 
 from __future__ import annotations
 
-import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from fact_lightning.data import schema, shards
-from fact_lightning.data.shards import ShardError, iter_raw_samples
+from fact_lightning.data.shards import SampleError, ShardError, iter_raw_samples
 from fact_lightning.files import sha256_file
 
 __all__ = ["ShardError", "check_sample", "inspect_dataset", "iter_images", "verify_dataset"]
 
 
-def _image(data: bytes, mode: str, what: str) -> np.ndarray:
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            if im.mode != mode:
-                raise ValueError(f"{what} is {im.mode}, expected {mode}")
-            return np.asarray(im)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"{what} does not decode ({type(exc).__name__}: {exc})") from None
-
-
-def _tokens(data: bytes, what: str) -> np.ndarray:
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except (OSError, ValueError, EOFError) as exc:
-        raise ValueError(f"{what} is not a .npy array ({exc})") from None
-
-
-def _json(data: bytes, what: str) -> dict:
-    try:
-        value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{what} is not JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{what} is not a JSON object")
-    return value
-
-
-def decode_image_fields(image: dict[str, bytes], where: str) -> dict:
-    """One image's raw fields -> crop/mask/face arrays, float16 tokens, meta dict; ValueError names the field."""
-    return {
-        schema.CROP: _image(image[schema.CROP], "RGB", f"{where} {schema.CROP}"),
-        schema.MASK: _image(image[schema.MASK], "L", f"{where} {schema.MASK}"),
-        schema.FACE: _image(image[schema.FACE], "RGB", f"{where} {schema.FACE}"),
-        schema.TOKENS: _tokens(image[schema.TOKENS], f"{where} {schema.TOKENS}"),
-        schema.META: _json(image[schema.META], f"{where} {schema.META}"),
-    }
-
-
 def check_sample(sample: dict[str, bytes], token_shape: list[int] | None = None, resolution: int | None = None,
                  decode: bool = True, latent_shape: list[int] | None = None) -> int:
-    """Validate one group sample; returns its image count. Raises ValueError describing the problem.
+    """Validate one raw group sample through the member table (``shards.decode_sample``); returns its image
+    count. Raises SampleError (a ValueError) naming the shard, the sample key and the member.
 
     latent_shape: the cached latents' shape (``manifest["vae"]["latent_shape"]``), which every image must
     then hold as float16; None: no image may hold latents.
 
     decode: also decode every image and check sizes (``crop`` and ``mask`` ``resolution`` square, ``face``
-    112 square); without it only the structure, tokens and JSON are checked.
+    112 square); without it only the member names, the tokens, latents and JSON are checked.
     """
-    key = sample["__key__"]
-    if schema.GROUP not in sample:
-        raise ValueError(f"sample {key} has no {schema.GROUP}")
-    group = _json(sample[schema.GROUP], f"sample {key} {schema.GROUP}")
-    _, images = schema.split_group(sample)
-    if len(images) != group.get("num_images"):
-        raise ValueError(f"sample {key}: {len(images)} images, group.json says {group.get('num_images')}")
+    expected = shards.Expected(resolution=resolution, token_shape=tuple(token_shape) if token_shape else None,
+                               latent_shape=tuple(latent_shape) if latent_shape else None)
+    decoded = shards.decode_sample(sample, expected, images=decode)
+    _, images = schema.split_group(decoded)
+    shard = Path(str(sample.get("__url__") or "?")).name
     for i, image in enumerate(images):
-        where = f"sample {key} image {i}"
-        missing = [f for f in schema.IMAGE_FIELDS if f not in image]
-        if missing:
-            raise ValueError(f"{where}: missing {missing}")
-        tokens = _tokens(image[schema.TOKENS], f"{where} {schema.TOKENS}")
-        if tokens.dtype != np.float16 or tokens.ndim != 2 or (token_shape and list(tokens.shape) != list(token_shape)):
-            raise ValueError(f"{where}: tokens {tokens.dtype} {list(tokens.shape)}, expected float16 "
-                             f"{token_shape or '(N, D)'}")
-        _json(image[schema.META], f"{where} {schema.META}")
-        if latent_shape is None and schema.LATENT in image:
-            raise ValueError(f"{where}: has cached latents but the manifest names no VAE")
-        if latent_shape is not None:
-            if schema.LATENT not in image:
-                raise ValueError(f"{where}: no cached latents ({schema.LATENT}) but the manifest names a VAE")
-            latent = _tokens(image[schema.LATENT], f"{where} {schema.LATENT}")
-            if latent.dtype != np.float16 or list(latent.shape) != list(latent_shape):
-                raise ValueError(f"{where}: latents {latent.dtype} {list(latent.shape)}, expected float16 "
-                                 f"{list(latent_shape)}")
-        if decode:
-            fields = decode_image_fields(image, where)
-            crop, mask, face = fields[schema.CROP], fields[schema.MASK], fields[schema.FACE]
-            side = resolution or crop.shape[0]
-            if crop.shape[:2] != (side, side) or mask.shape != (side, side):
-                raise ValueError(f"{where}: crop {crop.shape[1]}x{crop.shape[0]}, mask {mask.shape[1]}x"
-                                 f"{mask.shape[0]}, expected {side}x{side}")
-            if face.shape[:2] != (schema.FACE_SIZE, schema.FACE_SIZE):
-                raise ValueError(f"{where}: face {face.shape[1]}x{face.shape[0]}, expected "
-                                 f"{schema.FACE_SIZE}x{schema.FACE_SIZE}")
+        if (latent_shape is None) == (schema.LATENT in image):  # all images or none, as the manifest says
+            problem = ("has cached latents but the manifest names no VAE" if latent_shape is None
+                       else "is missing but the manifest names a VAE (cached latents)")
+            raise SampleError(f"{shard}: sample {sample['__key__']}: {schema.image_key(i, schema.LATENT)} {problem}")
     return len(images)
 
 
@@ -152,10 +87,11 @@ def _check_shard(path: Path, listed: dict | None, token_shape, resolution, quick
         shard.ok, shard.error = False, "sha256 differs from the manifest (damaged or rewritten)"
         return shard
     try:
+        shards.check_member_names(path)  # also what webdataset's tar reader drops silently
         for sample in iter_raw_samples(path):
             shard.images += check_sample(sample, token_shape, resolution, decode=not quick, latent_shape=latent_shape)
             shard.samples += 1
-    except (ShardError, ValueError, KeyError) as exc:
+    except (ShardError, ValueError) as exc:  # SampleError (a ValueError) names the sample and member
         shard.ok, shard.error = False, str(exc)
         return shard
     if listed is not None and (listed["samples"], listed["images"]) != (shard.samples, shard.images):
@@ -166,9 +102,10 @@ def _check_shard(path: Path, listed: dict | None, token_shape, resolution, quick
 
 
 def inspect_dataset(root: Path, quick: bool = False) -> DatasetReport:
-    """Check every shard against manifest.json: its sha256, every sample's structure, token shape and cached
-    latents (all images or none, as ``manifest["vae"]`` says), and (unless ``quick``) every decoded image's
-    size; never raises for bad shards."""
+    """Check every shard against manifest.json: its sha256, that it holds only members fact-data writes, every
+    sample's structure, its tokens and cached latents (float16, finite, the manifest's shapes; latents in all
+    images or none, as ``manifest["vae"]`` says), and (unless ``quick``) every decoded image's mode and size;
+    never raises for bad shards. The first problem of a shard is reported, naming the sample key and member."""
     root = Path(root)
     report = DatasetReport(str(root), None)
     manifest = report.manifest = _load_manifest(root, report)
@@ -192,14 +129,10 @@ def iter_images(root: Path) -> Iterator[tuple[dict, dict]]:
     for path in sorted(Path(root).glob("shard-*.tar")):
         for sample in iter_raw_samples(path):
             try:
-                group_raw, images = schema.split_group(sample)
-                group = _json(group_raw or b"", f"sample {sample['__key__']} {schema.GROUP}")
-                decoded = [decode_image_fields(image, f"sample {sample['__key__']} image {i}")
-                           for i, image in enumerate(images)]
-            except (ValueError, KeyError) as exc:
-                raise ShardError(f"{path.name}: {exc}") from None
-            for image in decoded:
-                yield group, image
+                group, images = schema.split_group(shards.decode_sample(sample, latents=False))
+            except SampleError as exc:  # already names the shard, the sample and the member
+                raise ShardError(str(exc)) from None
+            yield from ((group, image) for image in images)
 
 
 def verify_dataset(root: Path, embedder=None, threshold: float | None = None) -> list[dict]:

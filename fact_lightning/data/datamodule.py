@@ -69,6 +69,8 @@ class FactDataModule(pl.LightningDataModule):
         max_consecutive_errors: stop with an error after this many unreadable samples or shards in a row.
         pin_memory: page-locked batches, for faster asynchronous copies to a GPU.
         val_root: an optional second dataset folder read in memory for validation.
+        worker_timeout: seconds a reader process (``num_workers > 0``) may take for one batch before the run
+            stops with an error: a stuck read never hangs training.
     """
 
     def __init__(
@@ -91,8 +93,11 @@ class FactDataModule(pl.LightningDataModule):
         max_consecutive_errors: int = 100,
         pin_memory: bool = False,
         val_root: str | None = None,
+        worker_timeout: float = 600.0,
     ):
         super().__init__()
+        if not worker_timeout > 0:  # also refuses NaN
+            raise ValueError(f"data.worker_timeout must be > 0 seconds, got {worker_timeout}")
         self.save_hyperparameters()
         self.root = Path(root)
         self.handler = SkipAndCount(max_consecutive_errors)
@@ -128,7 +133,8 @@ class FactDataModule(pl.LightningDataModule):
             latent_shape = shards.check_latents(manifest, vae=self.hparams.vae, resolution=side, source=str(root))
         return {"urls": shards.shard_urls(root, manifest), "expected_counts": shards.expected_counts(root, manifest),
                 "token_shape": tuple(shape) if shape else None,
-                "latents": dict(latent_shape=latent_shape, ignore_latents=not self.hparams.cached_latents)}
+                "latents": dict(latent_shape=latent_shape, ignore_latents=not self.hparams.cached_latents,
+                                shard_resolution=theirs)}
 
     def check(self) -> None:
         """Reads and checks the manifests (cheap): a bad data folder fails before a run starts writing anything."""
@@ -159,8 +165,11 @@ class FactDataModule(pl.LightningDataModule):
         hp = self.hparams
         if hp.streaming:
             self.seeds.start = self._consumed  # a resumed stream draws new batches, not the first ones again
+            # torch notices a dead reader process by itself; ``timeout`` bounds the wait on a live, stuck one
+            # (a hung network mount), so no wait of the run is unbounded.
             return DataLoader(self._train, batch_size=hp.batch_size, num_workers=hp.num_workers,
-                              persistent_workers=hp.num_workers > 0, drop_last=True, pin_memory=hp.pin_memory)
+                              persistent_workers=hp.num_workers > 0, drop_last=True, pin_memory=hp.pin_memory,
+                              timeout=hp.worker_timeout if hp.num_workers > 0 else 0)
         # Our own sampler, also with one process: the same (seed, epoch) permutation split r::world, so a run
         # on N processes sees the same global batches as one process with an N times larger batch.
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)

@@ -1,9 +1,13 @@
 """Reading ``fact-data build`` shards for training: webdataset stages (the files and the manifest: ``shards.py``).
 
 Stage order (as open_clip's ``data.py``): shard list (resampled, or a fixed list split by node then by
-worker) -> tar reading with a bounded skip-and-count handler -> group shuffle buffer -> decode -> identity
-groups expanded into (target, paired reference, shuffled reference) samples -> sample shuffle buffer ->
-checked tensors. Every stage is a picklable generator or callable, so DataLoader workers can run them.
+worker) -> tar reading with a bounded skip-and-count handler -> group shuffle buffer -> decode and check
+every member through the member table of ``shards.py`` (the one `fact-data inspect` uses; never webdataset's
+default decoders, so a member the schema does not name is never decoded) -> identity groups expanded into
+(target, paired reference, shuffled reference) samples -> sample shuffle buffer -> checked tensors. A
+damaged group (an unknown member, a member that does not decode or does not fit the schema or the manifest)
+is skipped whole, with its partners, and counted once by the handler. Every stage is a picklable generator
+or callable, so DataLoader workers can run them.
 Every random choice (shard draw, both shuffle buffers, the partner) is seeded from (seed, start, epoch,
 rank, worker): ranks and workers draw different orders, and the same rank draws the same order again.
 
@@ -28,6 +32,7 @@ import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -35,11 +40,10 @@ import torch
 
 from ..errors import UserError
 from . import schema
-from .shards import ManifestError
+from .shards import Expected, ManifestError, decode_sample, tar_samples
 
 log = logging.getLogger(__name__)
 
-REQUIRED_FIELDS = (schema.CROP, schema.MASK, schema.FACE, schema.TOKENS)
 _NAMED = re.compile(r"([^\s'\"<>=]+\.tar)\b")
 
 
@@ -178,10 +182,25 @@ class CheckShardCounts:
 
 
 @dataclass
-class ExpandGroups:
-    """Stage: one decoded identity group -> one sample per image, each with a shuffled same-identity partner."""
+class DecodeGroups:
+    """Stage (under ``wds.map`` with the handler): a raw group -> its members decoded and checked by
+    ``shards.decode_sample``; a damaged group raises ``SampleError`` (shard, key, member), skipped and counted.
 
-    handler: SkipAndCount
+    latents: False leaves ``latent.npy`` undecoded (training that ignores cached latents).
+    """
+
+    expected: Expected = field(default_factory=Expected)
+    latents: bool = True
+
+    def __call__(self, sample: dict) -> dict:
+        return decode_sample(sample, self.expected, latents=self.latents)
+
+
+@dataclass
+class ExpandGroups:
+    """Stage: one decoded, checked identity group (:class:`DecodeGroups`: every image complete) -> one sample
+    per image, each with a shuffled same-identity partner."""
+
     seeds: StreamSeed = field(default_factory=StreamSeed)
     epoch: int = -1
 
@@ -189,12 +208,7 @@ class ExpandGroups:
         self.epoch += 1
         rng = self.seeds.rng(self.epoch, salt=2)
         for group in groups:
-            try:
-                images = _complete_images(group)
-            except ValueError as err:
-                err.args = (*err.args, str(group.get("__url__", "?")))
-                self.handler(err)
-                continue
+            _, images = schema.split_group(group)
             for i, image in enumerate(images):
                 others = [j for j in range(len(images)) if j != i]
                 partner = images[rng.choice(others)] if others else image
@@ -209,28 +223,20 @@ class ExpandGroups:
                 }
 
 
-def _complete_images(group: dict) -> list[dict]:
-    _, images = schema.split_group(group)
-    if not images:
-        raise ValueError(f"group {group.get('__key__')} holds no images")
-    for i, image in enumerate(images):
-        missing = [f for f in REQUIRED_FIELDS if f not in image]
-        if missing:
-            raise ValueError(f"group {group.get('__key__')} image {i} lacks {missing}")
-    return images
-
-
 @dataclass
 class ToTensors:
-    """Stage: an expanded sample (PIL images, numpy tokens) -> the training dict described in the module doc,
-    after checking it against the manifest (crop size, mask size, face size, token shape): a sample that
-    does not fit raises ValueError, which the handler skips and counts, so it never reaches collation.
+    """Stage: an expanded sample (uint8 image arrays as :class:`DecodeGroups` gives them, or PIL images; numpy
+    tokens) -> the training dict described in the module doc, after checking it against the manifest (crop
+    size, mask size, face size, token shape): a sample that does not fit raises ValueError, which the handler
+    skips and counts, so it never reaches collation. (In the pipeline DecodeGroups has already checked every
+    member; these checks keep the stage safe on its own and apply ``resolution`` after a resize.)
 
     resize: crops of another size than ``resolution`` are resized (else they are rejected).
     latent_shape: the (2, C, h, w) of the shards' cached latents (``manifest["vae"]``), or None when the
         manifest names none; an image with latents of another shape, or with latents where the manifest
         names none, or without where it names some, raises :class:`ManifestError` naming the shard (not
-        skipped: a dataset mixes images with and without latents).
+        skipped: a dataset mixes images with and without latents). In the pipeline, DecodeGroups has already
+        skipped and counted a group whose latents are damaged (not float16, not finite, another shape).
     ignore_latents: leave cached latents out of the samples (the model then encodes the crops itself).
     """
 
@@ -242,10 +248,8 @@ class ToTensors:
     ignore_latents: bool = False
 
     def __call__(self, sample: dict) -> dict:
-        from PIL import Image
-
         try:
-            return self._tensors(sample, Image)
+            return self._tensors(sample)
         except ManifestError as err:
             shard = str(sample.get("__url__") or "?").rsplit("/", 1)[-1]
             raise ManifestError(f"{shard}: image {sample.get('key')} {err}") from None
@@ -253,33 +257,33 @@ class ToTensors:
             err.args = (f"{sample.get('key')}: {err.args[0] if err.args else err}", str(sample.get("__url__")))
             raise
 
-    def _tensors(self, sample: dict, Image) -> dict:
+    def _tensors(self, sample: dict) -> dict:
+        from PIL import Image
+
         image = sample["image"]
-        crop, mask, face = image[schema.CROP], image[schema.MASK], image[schema.FACE]
-        if not all(isinstance(x, Image.Image) for x in (crop, mask, face)):
-            raise ValueError("crop, mask and face must decode as images")
-        crop, mask = crop.convert("RGB"), mask.convert("L")
-        if crop.size != mask.size:
-            raise ValueError(f"mask {mask.size} differs from crop {crop.size}")
-        if face.size != (schema.FACE_SIZE, schema.FACE_SIZE):
-            raise ValueError(f"face {face.size}, expected {schema.FACE_SIZE}x{schema.FACE_SIZE}")
+        crop, mask, face = (_pixels(image[f], mode, f) for f, mode in
+                            ((schema.CROP, "RGB"), (schema.MASK, "L"), (schema.FACE, "RGB")))
+        if crop.shape[:2] != mask.shape:
+            raise ValueError(f"mask {list(mask.shape)} differs from crop {list(crop.shape[:2])}")
+        if face.shape[:2] != (schema.FACE_SIZE, schema.FACE_SIZE):
+            raise ValueError(f"face {list(face.shape[:2])}, expected {schema.FACE_SIZE}x{schema.FACE_SIZE}")
         side = (self.resolution, self.resolution)
-        if crop.size != side:
+        if crop.shape[:2] != side:
             if not self.resize:
-                raise ValueError(f"crop {crop.size}, expected {side} (resize is off)")
-            crop = crop.resize(side, Image.Resampling.BICUBIC)
-            mask = mask.resize(side, Image.Resampling.BILINEAR)
+                raise ValueError(f"crop {list(crop.shape[:2])}, expected {list(side)} (resize is off)")
+            crop = np.asarray(Image.fromarray(crop).resize(side, Image.Resampling.BICUBIC))
+            mask = np.asarray(Image.fromarray(mask).resize(side, Image.Resampling.BILINEAR))
         tokens, partner = (np.asarray(t) for t in (image[schema.TOKENS], sample["partner_tokens"]))
         for name, t in (("tokens", tokens), ("partner tokens", partner)):
             if t.ndim != 2 or (self.token_shape is not None and tuple(t.shape) != tuple(self.token_shape)):
                 raise ValueError(f"{name} {list(t.shape)}, expected {list(self.token_shape or ('N', 'D'))}")
         meta = image.get(schema.META) or {}
-        latents = {} if self.ignore_latents else self._latents(image.get(schema.LATENT), crop.size)
+        latents = {} if self.ignore_latents else self._latents(image.get(schema.LATENT), crop.shape[1::-1])
         return {**latents,
             "key": sample["key"],
             "pixels": torch.from_numpy(np.asarray(crop, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0,
             "mask": torch.from_numpy(np.asarray(mask, dtype=np.float32))[None] / 255.0,
-            "face": torch.from_numpy(np.asarray(face.convert("RGB"), dtype=np.float32)).permute(2, 0, 1) / 255.0,
+            "face": torch.from_numpy(np.asarray(face, dtype=np.float32)).permute(2, 0, 1) / 255.0,
             "tokens": torch.from_numpy(tokens.astype(np.float32)),
             "shuffled_tokens": torch.from_numpy(partner.astype(np.float32)),
             "shuffle_available": torch.tensor(sample["shuffle_available"]),
@@ -297,10 +301,21 @@ class ToTensors:
         latent = np.asarray(latent)
         if tuple(latent.shape) != tuple(self.latent_shape):
             raise ManifestError(f"latents {list(latent.shape)}, the manifest says {list(self.latent_shape)}")
-        if crop_size != tuple(s * schema.LATENT_DOWNSAMPLE for s in latent.shape[:1:-1]):
+        if tuple(crop_size) != tuple(s * schema.LATENT_DOWNSAMPLE for s in latent.shape[:1:-1]):
             raise ManifestError(f"latents {list(latent.shape)} do not fit the crop {crop_size}")
         latent = torch.from_numpy(latent.astype(np.float32))
         return {"latent_mean": latent[0], "latent_std": latent[1]}
+
+
+def _pixels(value: Any, mode: str, what: str) -> np.ndarray:
+    """uint8 pixels of a decoded image: an array (``shards.decode_sample``) or a PIL image (converted to ``mode``)."""
+    from PIL import Image
+
+    array = np.asarray(value.convert(mode) if isinstance(value, Image.Image) else value)
+    channels = (3,) if mode == "RGB" else ()
+    if array.dtype != np.uint8 or array.shape[2:] != channels or array.ndim != 2 + len(channels):
+        raise ValueError(f"{what} is {array.dtype} {list(array.shape)}, expected a uint8 {mode} image")
+    return array
 
 
 @dataclass
@@ -331,8 +346,13 @@ def build_pipeline(
     expected_counts: dict[str, int] | None = None,
     latent_shape: tuple[int, int, int, int] | None = None,
     ignore_latents: bool = False,
+    shard_resolution: int | None = None,
 ):
     """The training ``wds.DataPipeline``: an IterableDataset of sample dicts (infinite when ``resampled``).
+
+    Every member is decoded and checked by ``shards.decode_sample`` against what the caller knows of the
+    manifest: crops of ``resolution`` (with ``resize``: of ``shard_resolution``, the manifest's, if given),
+    tokens of ``token_shape``, latents of ``latent_shape``.
 
     ``resampled`` draws shards with replacement, seeded per (seed, start, epoch, rank, worker), as
     multi-GPU training needs (no rank runs out first). Otherwise the shard list is split by node and then
@@ -343,17 +363,20 @@ def build_pipeline(
 
     seeds = seed if isinstance(seed, StreamSeed) else StreamSeed(seed)
     handler = handler or SkipAndCount()
+    expected = Expected(resolution=shard_resolution if resize else resolution,
+                        token_shape=tuple(token_shape) if token_shape else None,
+                        latent_shape=tuple(latent_shape) if latent_shape and not ignore_latents else None)
     if resampled:
         stages: list[Any] = [wds.ResampledShards(urls, seed=seeds.seed, worker_seed=seeds.worker_seed,
                                                  deterministic=True)]
     else:
         stages = [wds.SimpleShardList(urls)] + ([wds.split_by_node, wds.split_by_worker] if split else [])
     stages += [
-        wds.tarfile_to_samples(handler=handler),
+        partial(tar_samples, handler=handler),
         CheckShardCounts(expected_counts or {}, handler),
         SeededShuffle(shuffle_groups, min(shuffle_groups, 10), seeds, salt=1) if shuffle_groups > 1 else _identity,
-        wds.decode("pil", handler=handler),
-        ExpandGroups(handler, seeds),
+        wds.map(DecodeGroups(expected, latents=not ignore_latents), handler=handler),
+        ExpandGroups(seeds),
         SeededShuffle(shuffle_samples, min(shuffle_samples, 20), seeds, salt=3) if shuffle_samples > 1 else _identity,
         wds.map(ToTensors(resolution, token_shape, resize, handler, latent_shape, ignore_latents), handler=handler),
         MarkGood(handler),
@@ -369,9 +392,9 @@ def _identity(src):
 def read_all(urls: list[str], *, resolution: int, token_shape: tuple[int, int] | None = None, resize: bool = False,
              seed: int = 0, handler: SkipAndCount | None = None,
              expected_counts: dict[str, int] | None = None, latent_shape: tuple[int, int, int, int] | None = None,
-             ignore_latents: bool = False) -> list[dict]:
+             ignore_latents: bool = False, shard_resolution: int | None = None) -> list[dict]:
     """Every sample of ``urls`` in shard order, decoded in memory (small sets: validation, tests, demos)."""
     return list(build_pipeline(urls, resolution=resolution, token_shape=token_shape, resize=resize, resampled=False,
                                shuffle_groups=0, shuffle_samples=0, seed=seed, handler=handler, split=False,
                                expected_counts=expected_counts, latent_shape=latent_shape,
-                               ignore_latents=ignore_latents))
+                               ignore_latents=ignore_latents, shard_resolution=shard_resolution))

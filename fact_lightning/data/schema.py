@@ -5,7 +5,9 @@ Each webdataset sample is one *identity group*: up to ``max_per_group`` images o
 ``{shard:06d}_{group:04d}`` and it holds ``group.json`` plus, for image ``i`` (two digits), the fields
 ``{i:02d}.crop.jpg``, ``{i:02d}.mask.png``, ``{i:02d}.face.png``, ``{i:02d}.tokens.npy``, ``{i:02d}.meta.json``,
 and, in a dataset made with a VAE, ``{i:02d}.latent.npy``.
-The extensions are the last dot component, so webdataset's stock decoders apply (``.decode("pil")``).
+Those are the only members a sample may hold. Readers decode them only through the one table of member
+decoders and checks in :mod:`shards` (``shards.decode_sample``), never through webdataset's default decoder
+table: a member of any other name (``00.extra.pyd``, a pickle) makes the sample damaged and is never decoded.
 
 Bump :data:`FORMAT_VERSION` on any change that a reader could notice. The optional ``latent.npy`` did not
 bump it: a reader of version 1 that predates it ignores the extra member and encodes the crop itself, which
@@ -75,6 +77,7 @@ MANIFEST_KEYS = (
 # manifest["options"]["record"]["resolution"]: the side of the square crops
 
 _FIELD_RE = re.compile(r"^(\d{2})\.(.+)$")
+KEY_RE = re.compile(r"^\d{6,}_\d{4,}$")  # a sample's key: {shard:06d}_{group:04d}
 
 
 def image_key(index: int, field: str) -> str:
