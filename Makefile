@@ -28,7 +28,7 @@ demo: $(STAMP)
 		--trainer.default_root_dir $(DEMO)/runs/tiny
 	$(VENV)/bin/fact-generate --tiny --adapter $(DEMO)/runs/tiny/adapters/final/adapter.safetensors \
 		--reference tests/fixtures/faces/raw/fr_obama/1.jpg --prompt "a photo of a man, best quality" \
-		--seed 0 --seed 1 --steps 10 --height 128 --width 128 --out $(DEMO)/generate
+		--seed 0 --seed 1 --steps 10 --height 128 --width 128 --out $(DEMO)/generate --overwrite
 	@echo
 	@echo "shards:      $(DEMO)/shards (fact-data inspect $(DEMO)/shards)"
 	@echo "run folder:  $(DEMO)/runs/tiny (events, config.yaml, checkpoints/, adapters/, previews/)"

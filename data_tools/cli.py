@@ -1,8 +1,9 @@
 """`fact-data`: build identity-grouped FACT shards, add cached VAE latents, inspect, preview, verify identities.
 
 The only module of data_tools that prints. `build`'s options are the fields of ``BuildOptions`` and
-``RecordOptions`` (default, type and help declared there once) turned into Typer parameters here. Errors a
-user can fix end as one ``error: ...`` line and exit status 2 (``fact_lightning.errors.guarded``).
+``RecordOptions`` (default, type, range and help declared there once) turned into Typer parameters here.
+Errors a user can fix, a number out of range included, end as one ``error: ...`` line and exit status 2
+(``fact_lightning.commands.cli_errors``: ``guarded`` and ``run_app``).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from rich.table import Table
 from rich.text import Text
 
 from data_tools.options import AddLatentsOptions, BuildOptions
-from fact_lightning.commands.cli_errors import guarded
+from fact_lightning.checks import count, number
+from fact_lightning.commands.cli_errors import guarded, run_app
 from fact_lightning.errors import UserError
 
 # Plain click help: it wraps long option names and help at any width instead of cutting them off.
@@ -76,7 +78,12 @@ def _option_parameters(cls: type) -> list[pyinspect.Parameter]:
         if choices:  # Typer spells a choice as an Enum
             base = enum.Enum(f.name, [(c, c) for c in choices], type=str)
             default = base(default) if default is not ... else default
-        option = typer.Option(default, *decls, help=f.metadata.get("help", ""))
+        number = {}
+        if base in (int, float):  # every number parses through its declared range
+            if f.metadata.get("range") is None:
+                raise TypeError(f"numeric option {f.name!r} of {cls.__name__} has no range: option(range=...)")
+            number = dict(parser=f.metadata["range"], metavar="INTEGER" if base is int else "FLOAT")
+        option = typer.Option(default, *decls, help=f.metadata.get("help", ""), **number)
         annotation = Optional[base] if optional else base
         params.append(pyinspect.Parameter(f.name, pyinspect.Parameter.KEYWORD_ONLY, default=option,
                                           annotation=annotation))
@@ -138,6 +145,7 @@ def _print_summary(manifest: dict, out: Path) -> None:
     table.add_section()
     table.add_row("total", str(c["found"]), str(c["accepted"]), str(c["samples"]), style="bold")
     out_console.print(table)
+    out_console.print(f"{c['found']} files found = {c['accepted']} accepted + {c['rejected']} rejected")
     if manifest["rejects_by_reason"]:
         reasons = Table(title="rejected (see rejects.jsonl)")
         reasons.add_column("reason")
@@ -226,8 +234,8 @@ def inspect(
 def preview(
     path: Path = typer.Argument(..., help="A folder written by `fact-data build`."),
     out: Path = typer.Option(Path("sheet.png"), "--out", help="PNG file to write."),
-    max_images: int = typer.Option(48, help="At most this many images."),
-    columns: int = typer.Option(6, help="Tiles per row."),
+    max_images: int = typer.Option(48, help="At most this many images.", parser=count(1, 10_000), metavar="INTEGER"),
+    columns: int = typer.Option(6, help="Tiles per row.", parser=count(1, 100), metavar="INTEGER"),
 ) -> None:
     """Contact sheet PNG: crops with mask overlay, landmarks and face box, next to the aligned faces."""
     from data_tools.preview import contact_sheet
@@ -245,7 +253,8 @@ def preview(
 @guarded
 def verify_identities(
     path: Path = typer.Argument(..., help="A folder written by `fact-data build`."),
-    threshold: Optional[float] = typer.Option(None, help="dlib distance threshold (default 0.6)."),
+    threshold: Optional[float] = typer.Option(None, help="dlib distance threshold (default 0.6).",
+                                              parser=number(above=0.0, max=100.0), metavar="FLOAT"),
     report: Optional[Path] = typer.Option(None, help="Write every image's check as JSONL here."),
 ) -> None:
     """Flag images whose face does not match the rest of their identity (dlib face-recognition model)."""
@@ -269,7 +278,7 @@ def verify_identities(
 
 
 def main() -> None:
-    app()
+    raise SystemExit(run_app(app))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from data_tools.declare import check_choices, option
+from data_tools.declare import check_fields, option
 from data_tools.records import RecordOptions
-from data_tools.sources import DEFAULT_CAPTION_TEMPLATE
+from data_tools.sources import CAPTION_PLACEHOLDERS, DEFAULT_CAPTION_TEMPLATE
+from fact_lightning.checks import SEED, check_template, count, number
 
 
 @dataclass(frozen=True)
@@ -23,11 +24,10 @@ class LatentOptions:
                                    "seeded VAE (tests and demos).")
     vae_revision: str | None = option(None, "Hub revision of --vae.")
     vae_batch_size: int = option(8, "VAE batch size (latents are computed in batches of this many, in shard "
-                                    "order: keep it to resume or compare runs).")
+                                    "order: keep it to resume or compare runs).", range=count(1, 4096))
 
     def __post_init__(self) -> None:
-        if self.vae_batch_size < 1:
-            raise ValueError("vae_batch_size must be >= 1")
+        check_fields(self)
         if self.vae is not None and self.vae.startswith("tiny"):
             tiny_seed(self.vae)  # validates tiny / tiny:SEED
 
@@ -40,7 +40,7 @@ def tiny_seed(vae: str) -> int | None:
     if vae == "tiny":
         return 0
     if vae.startswith("tiny:") and vae[5:].isdigit():
-        return int(vae[5:])
+        return SEED.check(int(vae[5:]), f"the seed of --vae {vae}")
     if vae.startswith("tiny"):
         raise ValueError(f"--vae {vae!r}: write tiny or tiny:SEED")
     return None
@@ -70,10 +70,11 @@ class BuildOptions:
     random_encoder: bool = option(False, "Seeded RANDOM encoder weights (tests and demos only).")
     caption_template: str = option(DEFAULT_CAPTION_TEMPLATE, "Caption without a sidecar .txt; {identity} is "
                                                              "replaced.")
-    max_per_group: int = option(16, "At most this many images per identity sample.")
-    images_per_shard: int = option(512, "About this many input photos per shard (identities are never split).")
-    workers: int = option(1, "Worker processes for decoding, detection, masks and crops.")
-    batch_size: int = option(32, "Encoder batch size.")
+    max_per_group: int = option(16, "At most this many images per identity sample.", range=count(1, 10_000))
+    images_per_shard: int = option(512, "About this many input photos per shard (identities are never split).",
+                                   range=count(1))
+    workers: int = option(1, "Worker processes for decoding, detection, masks and crops.", range=count(1, 1024))
+    batch_size: int = option(32, "Encoder batch size.", range=count(1, 65_536))
     latents: LatentOptions = option(default_factory=LatentOptions)
     device: str = option("auto", "Encoder device: auto, cpu, cuda, cuda:1...")
     resume: bool = option(True, "Keep the finished shards of an interrupted build.")
@@ -81,12 +82,12 @@ class BuildOptions:
     drop_mismatched: bool = option(False, "Reject flagged images (needs --verify-identities).")
     identity_model: str = option("auto", "auto: TransFace with real weights, else dlib.",
                                  choices=("auto", "dlib", "transface"))
-    identity_threshold: float | None = option(None, "Distance threshold (dlib default 0.6, TransFace cosine 0.6).")
+    identity_threshold: float | None = option(None, "Distance threshold (dlib default 0.6, TransFace cosine 0.6).",
+                                              range=number(above=0.0, max=100.0))
 
     def __post_init__(self) -> None:
-        check_choices(self)
-        if self.max_per_group < 1 or self.images_per_shard < 1 or self.workers < 1 or self.batch_size < 1:
-            raise ValueError("max_per_group, images_per_shard, workers and batch_size must be >= 1")
+        check_fields(self)
+        check_template(self.caption_template, CAPTION_PLACEHOLDERS, "--caption-template")
         if self.drop_mismatched and not self.verify_identities:
             raise ValueError("drop_mismatched needs verify_identities")
 

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from PIL import Image
 
-from data_tools.declare import option
+from data_tools.declare import check_fields, option
 from data_tools.sources import NO_IDENTITY, NOT_A_FILE, SourceItem
+from fact_lightning.checks import FRACTION, Range, count, number
 from fact_lightning.data import schema
 from fact_lightning.faces import alignment, masks
 from fact_lightning.faces.decode import DEFAULT_MAX_PIXELS, decode_image
@@ -39,30 +40,26 @@ PROCESSING_ERROR = "processing_error"  # an unexpected exception, logged with it
 class RecordOptions:
     """Everything that changes a record; part of the shard fingerprint."""
 
-    resolution: int = option(512, "Side of the square training crop (pixels).")
-    min_face_size: int = option(64, "Reject faces whose box is smaller (source pixels).")
-    min_score: float = option(0.5, "Reject faces with a lower detection score.")
+    resolution: int = option(512, "Side of the square training crop (pixels).",
+                             range=Range(int, 64, 4096, multiple_of=8))
+    min_face_size: int = option(64, "Reject faces whose box is smaller (source pixels).", range=count(1, 100_000))
+    min_score: float = option(0.5, "Reject faces with a lower detection score.", range=FRACTION)
     keep_dominant: bool = option(False, "With several faces keep the clearly largest one instead of rejecting.")
-    dominant_ratio: float = option(2.0, "Area ratio largest/second that counts as clearly largest.")
-    max_face_outside: float = option(0.1, "Reject faces with more than this fraction of their box outside.")
-    mask_dilate: float = option(0.0, "Dilate the face mask by this fraction of the face size.")
-    face_fraction: float = option(0.35, "Face size as a fraction of the training crop's side.")
-    max_pixels: int = option(DEFAULT_MAX_PIXELS, "Reject images with more pixels (decompression bombs).")
-    max_file_mb: int = option(256, "Reject input files larger than this (MiB).")
-    jpeg_quality: int = option(95, "JPEG quality of the training crops.")
+    dominant_ratio: float = option(2.0, "Area ratio largest/second that counts as clearly largest.",
+                                   range=number(1.0, 1000.0))
+    max_face_outside: float = option(0.1, "Reject faces with more than this fraction of their box outside.",
+                                     range=FRACTION)
+    mask_dilate: float = option(0.0, "Dilate the face mask by this fraction of the face size.", range=number(0.0, 10.0))
+    face_fraction: float = option(0.35, "Face size as a fraction of the training crop's side.",
+                                  range=number(above=0.0, max=1.0))
+    max_pixels: int = option(DEFAULT_MAX_PIXELS, "Reject images with more pixels (decompression bombs).",
+                             range=count(1))
+    max_file_mb: int = option(256, "Reject input files larger than this (MiB).", range=count(1, 1 << 20))
+    jpeg_quality: int = option(95, "JPEG quality of the training crops.", range=count(1, 100))
 
     def __post_init__(self) -> None:
-        if self.resolution < 64 or self.resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8 and >= 64, got {self.resolution}")
+        check_fields(self)
         self.face_policy  # validates the face-policy fields
-        if not 0.0 < self.face_fraction <= 1.0:
-            raise ValueError(f"face_fraction must be in (0, 1], got {self.face_fraction}")
-        if self.mask_dilate < 0:
-            raise ValueError(f"mask_dilate must be >= 0, got {self.mask_dilate}")
-        if self.max_file_mb < 1:
-            raise ValueError(f"max_file_mb must be >= 1, got {self.max_file_mb}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
 
     @property
     def face_policy(self) -> FacePolicy:

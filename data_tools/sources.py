@@ -3,15 +3,22 @@ everything found that cannot be used.
 
 Folder layout: ``src/<identity>/**/<image>``; a caption comes from a sidecar ``<image>.txt`` (either
 ``photo.txt`` or ``photo.jpg.txt``), else from the caption template. Symlinked folders and files are
-followed (a folder reached twice through links is visited once). Names with an image extension that are
-not usable (directly under ``src/``, broken links, FIFOs, devices, folders) come back as rejects.
+followed (a folder reached twice through links is visited once).
+
+Every file found is accounted for: a sidecar caption belongs to its photo; a file with an extension that
+this Pillow can open (:func:`decodable_extensions`, the decoder table: AVIF where Pillow has it, HEIC only
+with a plugin) is an item, which the decoder then accepts or rejects; anything else comes back as a reject
+with its reason: another format, directly under ``src/``, a broken link, a FIFO or device, a folder that
+cannot be listed. So ``accepted + rejected == found`` holds for every tree.
 List files: CSV with a header (``path,identity[,caption]``) or JSONL objects with those keys; relative
-paths are resolved against the list's folder; a row naming anything but a regular file is rejected.
+paths are resolved against the list's folder; a row naming anything but a regular file is rejected; a row
+with another number of columns than the header is an error naming the file and line.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
 import logging
@@ -20,15 +27,30 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fact_lightning.checks import check_template
+
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 DEFAULT_CAPTION_TEMPLATE = "a photo of a person"
+CAPTION_PLACEHOLDERS = ("identity",)
+CAPTION_SUFFIX = ".txt"
 
 # Reject reasons of discovery.
 NO_IDENTITY = "no_identity_folder"
 NOT_A_FILE = "not_a_file"  # a broken link, FIFO, device, socket or folder named like a photo
 LINK_LOOP = "symlink_loop"
+UNREADABLE_FOLDER = "unreadable_folder"
+UNSUPPORTED_FORMAT = "unsupported_format"  # no decoder in this Pillow opens files named like this
+HEIF = (".heic", ".heif")
+
+
+@functools.cache
+def decodable_extensions() -> frozenset[str]:
+    """Lower-case extensions of the formats the installed Pillow can open (its plugins included)."""
+    from PIL import Image
+
+    Image.init()
+    return frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
 @dataclass(frozen=True, order=True)
@@ -68,11 +90,11 @@ class Discovery:
 
 
 def render_caption(template: str, identity: str) -> str:
-    return template.format(identity=identity)
+    return check_template(template, CAPTION_PLACEHOLDERS, "--caption-template").format(identity=identity)
 
 
 def _sidecar_caption(path: Path) -> str | None:
-    for candidate in (path.with_suffix(".txt"), path.with_name(path.name + ".txt")):
+    for candidate in (path.with_suffix(CAPTION_SUFFIX), path.with_name(path.name + CAPTION_SUFFIX)):
         if candidate.is_file():
             text = candidate.read_text(encoding="utf-8", errors="replace").strip()
             if text:
@@ -94,21 +116,42 @@ def _file_problem(path: Path) -> str | None:
     return f"a {kind}, not a regular file"
 
 
+def _is_caption(name: str, names: set[str]) -> bool:
+    """Whether ``name`` is the sidecar caption of a photo beside it (``photo.txt`` or ``photo.jpg.txt``)."""
+    if not name.lower().endswith(CAPTION_SUFFIX):
+        return False
+    stem = name[: -len(CAPTION_SUFFIX)]
+    if Path(stem).suffix.lower() in decodable_extensions():
+        return stem in names
+    return any(Path(other).stem == stem and Path(other).suffix.lower() in decodable_extensions() for other in names)
+
+
+def _skip_folder(root: Path, folder: str | Path, reason: str, detail: str) -> Skipped:
+    rel = Path(os.path.relpath(folder, root))
+    return Skipped(rel.as_posix(), rel.parts[0] if rel.parts else "", reason, detail)
+
+
 def _walk(root: Path, skipped: list[Skipped]) -> list[Path]:
-    """Every file name under ``root`` with an image extension, following symlinked folders once each."""
+    """Every file under ``root`` but sidecar captions, following symlinked folders once each; folders that
+    cannot be listed or that loop go to ``skipped``."""
     found: list[Path] = []
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+
+    def unreadable(err: OSError) -> None:
+        skipped.append(_skip_folder(root, err.filename or root, UNREADABLE_FOLDER,
+                             f"cannot list this folder ({err.strerror or err}); its files are not counted"))
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         dirnames.sort()
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:  # a link back into the tree, or a second link to one folder
             dirnames[:] = []
-            rel = Path(dirpath).relative_to(root)
-            skipped.append(Skipped(rel.as_posix(), rel.parts[0] if rel.parts else "", LINK_LOOP,
-                                   f"links to {os.path.realpath(dirpath)}, which is scanned already"))
+            skipped.append(_skip_folder(root, dirpath, LINK_LOOP,
+                                 f"links to {os.path.realpath(dirpath)}, which is scanned already"))
             continue
         seen.add((st.st_dev, st.st_ino))
-        found.extend(Path(dirpath) / name for name in filenames if Path(name).suffix.lower() in IMAGE_EXTENSIONS)
+        names = set(filenames)
+        found.extend(Path(dirpath) / name for name in filenames if not _is_caption(name, names))
     return found
 
 
@@ -124,6 +167,11 @@ def scan_folder(root: Path, caption_template: str = DEFAULT_CAPTION_TEMPLATE) ->
         problem = _file_problem(path)
         if problem is not None:
             found.skipped.append(Skipped(rel.as_posix(), identity, NOT_A_FILE, problem))
+        elif path.suffix.lower() not in decodable_extensions():
+            kind = f"{path.suffix} files" if path.suffix else "files without an extension"
+            hint = " (a Pillow plugin such as pillow-heif adds them)" if path.suffix.lower() in HEIF else ""
+            found.skipped.append(Skipped(rel.as_posix(), identity, UNSUPPORTED_FORMAT,
+                                         f"no image decoder of this installation opens {kind}{hint}"))
         elif not identity:
             found.skipped.append(Skipped(rel.as_posix(), "", NO_IDENTITY,
                                          "image directly under --src; put it in a <identity>/ folder"))
@@ -159,11 +207,29 @@ def _list_rows(path: Path) -> list[dict]:
             rows.append(row)
         return rows
     if path.suffix.lower() == ".csv":
-        try:
-            return list(csv.DictReader(io.StringIO(text, newline="")))
-        except csv.Error as exc:
-            raise ValueError(f"{path}: not a valid CSV file ({exc})") from None
+        return _csv_rows(path, text)
     raise ValueError(f"an input list must be .csv or .jsonl: {path}")
+
+
+def _csv_rows(path: Path, text: str) -> list[dict]:
+    """Rows of a CSV list with a ``path,identity[,caption]`` header, each with the header's column count."""
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames or []
+        missing = [name for name in ("path", "identity") if name not in header]
+        if missing:
+            raise ValueError(f"{path}: the header {','.join(header) or '(empty file)'} lacks {' and '.join(missing)}: "
+                             "the first line must name the columns, e.g. path,identity,caption")
+        rows = []
+        for row in reader:
+            if None in row or None in row.values():  # more values than the header names, or fewer
+                got = len(header) + len(row.get(None) or []) - sum(v is None for v in row.values())
+                raise ValueError(f"{path}:{reader.line_num}: {got} columns, the header has {len(header)} "
+                                 f"({','.join(header)}); quote values that hold commas")
+            rows.append(row)
+        return rows
+    except csv.Error as exc:
+        raise ValueError(f"{path}:{reader.line_num}: not a valid CSV file ({exc})") from None
 
 
 def _text_field(path: Path, n: int, row: dict, key: str) -> str:

@@ -35,9 +35,14 @@ def summarize(shard_stats: list[dict], skipped: list[dict]) -> dict:
     identities: dict[str, dict] = {}
     for s in shard_stats:
         for name, c in s["identities"].items():
-            identities[name] = c
+            identities[name] = dict(c)
+    for r in skipped:  # files of an identity folder that discovery rejected count in its row too
+        if r["identity"]:
+            identities.setdefault(r["identity"], {"found": 0, "accepted": 0, "groups": 0})["found"] += 1
     found = sum(s["found"] for s in shard_stats) + len(skipped)
     accepted = sum(s["images"] for s in shard_stats)
+    if accepted + len(rejects) != found:  # every file found is accepted or rejected with a reason: else a bug
+        raise RuntimeError(f"accounting error: {found} files found, {accepted} accepted + {len(rejects)} rejected")
     return {
         "counts": {"found": found, "accepted": accepted, "rejected": len(rejects),
                    "samples": sum(s["samples"] for s in shard_stats), "images": accepted,

@@ -75,13 +75,3 @@ def progress() -> Progress:
     """A progress bar on stderr for a command's images."""
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                     console=console, transient=False)
-
-
-def exit_status(app, argv: list[str] | None = None) -> int:
-    """Runs a Typer ``app`` on ``argv`` and returns its exit status instead of exiting (console scripts and
-    ``python -m`` pass it to ``sys.exit``)."""
-    try:
-        app(args=argv)
-    except SystemExit as exit_:
-        return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 1
-    return 0

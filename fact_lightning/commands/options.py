@@ -4,6 +4,11 @@ Options are typed dataclass fields whose ``Annotated`` metadata is their ``typer
 whole dataclasses as parameters and :func:`command` spreads their fields into the signature Typer reads,
 then rebuilds the dataclasses (which validate themselves) for the command body. So a command is a plain
 function of typed objects, as litgpt's ``args.py`` does for its entry points.
+
+Every number goes through a :class:`~fact_lightning.checks.Range` (:func:`numeric`): the parser refuses a
+non-finite or out-of-range value naming the option, and :func:`check_numbers` applies the same ranges to a
+dataclass built from Python. :func:`command` refuses to build a command with an int or float option that
+has no range, so no new option can skip the check.
 """
 
 from __future__ import annotations
@@ -17,12 +22,48 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from fact_lightning.checks import FRACTION, PIXELS, SEED, Range, check_template, count, number
 from fact_lightning.inference.generator import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_STEPS,
                                                 INPAINT_ADAPTER_SCALE, INPAINT_GUIDANCE)
 from fact_lightning.inference.pipelines import DEFAULT_SCHEDULER, SCHEDULERS
+from fact_lightning.inference.prompts import PLACEHOLDERS
 from fact_lightning.models.sfags import INFERENCE_ADAPTER_SCALE
 
 WEIGHTS, SAMPLING = "Weights", "Sampling"
+ADAPTER_SCALE = number(0.0, 10.0)
+
+
+def numeric(range_: Range, *decls: str, **option):
+    """A number option: ``typer.Option(*decls, parser=range_, ...)``, its range declared once, with the option."""
+    return typer.Option(*decls, parser=range_, **option)
+
+
+def _leaf_type(annotation):
+    """int for ``int``, ``Optional[int]`` and ``list[int]`` alike."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return _leaf_type(args[0]) if len(args) == 1 else annotation
+
+
+def _option_info(annotation):
+    return next((m for m in getattr(annotation, "__metadata__", ()) if isinstance(m, typer.models.OptionInfo)), None)
+
+
+def option_range(annotation) -> Range | None:
+    """The Range an ``Annotated[..., typer.Option(parser=Range)]`` field parses through, if any."""
+    info = _option_info(annotation)
+    return info.parser if info is not None and isinstance(info.parser, Range) else None
+
+
+def check_numbers(obj) -> None:
+    """Applies each numeric field's Range to its value (each value of a list): ValueError naming the option."""
+    hints = typing.get_type_hints(type(obj), include_extras=True)
+    for f in dataclasses.fields(obj):
+        range_ = option_range(hints[f.name])
+        value = getattr(obj, f.name)
+        if range_ is None or value is None:
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            range_.check(item, "--" + f.name.replace("_", "-"))
 
 
 def command(fn):
@@ -35,6 +76,9 @@ def command(fn):
         for f in dataclasses.fields(cls):
             if f.name in owner:
                 raise TypeError(f"option {f.name!r} is declared by both {owner[f.name]} and {cls.__name__}")
+            if _leaf_type(typing.get_args(field_hints[f.name])[0]) in (int, float) and \
+                    option_range(field_hints[f.name]) is None:
+                raise TypeError(f"numeric option {f.name!r} of {cls.__name__} has no range: declare it with numeric()")
             owner[f.name] = cls.__name__
             default = f.default if f.default is not dataclasses.MISSING else \
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else inspect.Parameter.empty
@@ -66,11 +110,20 @@ def _choices(values) -> str:
     return ", ".join(values[:-1]) + " or " + values[-1]
 
 
+LORA_WEIGHT = number(-10.0, 10.0)
+OVERWRITE_HELP = ("Replace a non-empty --out. The old folder stays whole until the new one is complete, "
+                  "then the two are swapped.")
+
+
 def _lora(text: str) -> tuple[str, float]:
     path, sep, weight = text.rpartition(":")
-    if sep and path and weight.replace(".", "", 1).isdigit():
-        return path, float(weight)
-    return text, 1.0
+    try:
+        value = float(weight) if sep and path else None
+    except ValueError:  # no weight: the colon belongs to the path
+        value = None
+    if value is None:
+        return text, 1.0
+    return path, LORA_WEIGHT.check(value, f"--lora {text}: the weight")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -144,49 +197,45 @@ class SamplingOptions:
         metavar="TEXT", rich_help_panel=SAMPLING,
         help="Negative prompt ('' for none). The default is the official FaceAdapter_v1.generate's fallback; "
              "the official text-to-image app passes '' and its web app a list of its own.")] = DEFAULT_NEGATIVE_PROMPT
-    seed: Annotated[list[int], typer.Option(
-        metavar="INT", rich_help_panel=SAMPLING, help="Repeatable; default 0.")] = dataclasses.field(default_factory=list)
-    num_images: Annotated[int, typer.Option(
-        metavar="INT", rich_help_panel=SAMPLING, help="Images per prompt and seed.")] = 1
-    adapter_scale: Annotated[Optional[float], typer.Option(
-        metavar="FLOAT", rich_help_panel=SAMPLING, show_default=False,
+    seed: Annotated[list[int], numeric(
+        SEED, metavar="INT", rich_help_panel=SAMPLING, help="Repeatable; default 0.")] = \
+        dataclasses.field(default_factory=list)
+    num_images: Annotated[int, numeric(
+        count(1, 10_000), metavar="INT", rich_help_panel=SAMPLING, help="Images per prompt and seed.")] = 1
+    adapter_scale: Annotated[Optional[float], numeric(
+        ADAPTER_SCALE, metavar="FLOAT", rich_help_panel=SAMPLING, show_default=False,
         help=f"Adapter scale a of Eq. 2 (0: the base model); default {INFERENCE_ADAPTER_SCALE}, "
              f"{INPAINT_ADAPTER_SCALE} with --template (the official apps').")] = None
-    scale: Annotated[Optional[float], typer.Option("--scale", hidden=True)] = None  # old name of --adapter-scale
-    guidance_scale: Annotated[Optional[float], typer.Option(
-        metavar="FLOAT", rich_help_panel=SAMPLING, show_default=False,
+    # the old name of --adapter-scale
+    scale: Annotated[Optional[float], numeric(ADAPTER_SCALE, "--scale", hidden=True)] = None
+    guidance_scale: Annotated[Optional[float], numeric(
+        number(0.0, 100.0), metavar="FLOAT", rich_help_panel=SAMPLING, show_default=False,
         help=f"diffusers' guidance_scale; the paper's 'CFG 7.0' is passed as 7.0, as the official code "
              f"does (default {DEFAULT_GUIDANCE}; {INPAINT_GUIDANCE} with --template).")] = None
     text_only_guidance: Annotated[bool, flag(
         "--text-only-guidance", SAMPLING,
         "Both guidance branches carry the face (official cfg_face=False); by default the negative "
         "branch has the id-drop embedding (Eq. 5).")] = False
-    face_delay: Annotated[float, typer.Option(
-        metavar="FRACTION", rich_help_panel=SAMPLING,
+    face_delay: Annotated[float, numeric(
+        FRACTION, metavar="FRACTION", rich_help_panel=SAMPLING,
         help="The adapter acts only after this fraction of the steps (0: all, 1: none); our "
              "implementation of the official delayed_face_condition.")] = 0.0
-    steps: Annotated[int, typer.Option(
-        metavar="INT", rich_help_panel=SAMPLING, help="Denoising steps.")] = DEFAULT_STEPS
-    height: Annotated[Optional[int], typer.Option(
-        metavar="PX", rich_help_panel=SAMPLING, help="Image height (default: the model's, 512 for SD1.5).")] = None
-    width: Annotated[Optional[int], typer.Option(
-        metavar="PX", rich_help_panel=SAMPLING, help="Image width (default: the model's).")] = None
+    steps: Annotated[int, numeric(
+        count(1, 1000), metavar="INT", rich_help_panel=SAMPLING, help="Denoising steps.")] = DEFAULT_STEPS
+    height: Annotated[Optional[int], numeric(
+        PIXELS, metavar="PX", rich_help_panel=SAMPLING,
+        help="Image height (default: the model's, 512 for SD1.5).")] = None
+    width: Annotated[Optional[int], numeric(
+        PIXELS, metavar="PX", rich_help_panel=SAMPLING, help="Image width (default: the model's).")] = None
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.scale is not None:
             if self.adapter_scale not in (None, self.scale):
                 raise ValueError("give --adapter-scale only (--scale is its old name)")
             self.adapter_scale, self.scale = self.scale, None
-        if self.steps < 1:
-            raise ValueError(f"--steps must be at least 1, got {self.steps}")
-        if self.num_images < 1:
-            raise ValueError(f"--num-images must be at least 1, got {self.num_images}")
-        if not 0.0 <= self.face_delay <= 1.0:
-            raise ValueError(f"--face-delay is a fraction of the steps in [0, 1], got {self.face_delay}")
-        for name in ("height", "width"):
-            value = getattr(self, name)
-            if value is not None and (value < 8 or value % 8):
-                raise ValueError(f"--{name} must be a positive multiple of 8, got {value}")
+        for text in self.prompt:
+            check_template(text, PLACEHOLDERS, "--prompt")
         if self.prompts is None and not self.prompt:
             raise ValueError("give prompts with --prompts FILE or --prompt TEXT")
         if self.prompts is not None and not self.prompts.is_file():
@@ -199,10 +248,10 @@ class SamplingOptions:
 
     def prompt_list(self) -> list[str]:
         """``--prompt`` values, then the ``--prompts`` file's, with ``{subject}`` replaced."""
-        from fact_lightning.inference.prompts import read_prompts
+        from fact_lightning.inference.prompts import fill, read_prompts
 
-        prompts = list(self.prompt) + (read_prompts(self.prompts, self.subject) if self.prompts else [])
-        return [p.replace("{subject}", self.subject) for p in prompts]
+        return [fill(p, self.subject) for p in self.prompt] + (read_prompts(self.prompts, self.subject)
+                                                                if self.prompts else [])
 
     def scale_for(self, mode: str) -> float:
         """``--adapter-scale``, or the official app's for ``mode`` (txt2img, inpaint, controlnet)."""

@@ -4,6 +4,12 @@ Resume: the module counts the training batches this rank consumed (``on_before_b
 the count in the checkpoint (``state_dict``). In memory, the next run skips the batches of the interrupted
 epoch that were already seen, so it continues with exactly the batches an uninterrupted run would have;
 streaming, it seeds the resumed stream from that count, so it draws new batches instead of replaying.
+
+Checked before training starts (``check``, and ``setup`` again with the world size): every number argument
+is finite and in range; a batch fits in what one epoch yields (``epoch_samples`` streaming, the data set's
+share of each process in memory), since with ``drop_last`` a larger batch never forms (a stream would spin
+forever, an in-memory run would end without one step); and a data set whose identity groups all hold one
+image, which leaves the same-identity shuffle without a partner for any sample, is said so.
 """
 
 from __future__ import annotations
@@ -15,10 +21,19 @@ from typing import Any
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..checks import SEED, Range, count, number
 from . import shards
 from .pipeline import SkipAndCount, StreamSeed, build_pipeline, read_all
 
 log = logging.getLogger(__name__)
+
+# The ranges of the numeric arguments (data.<name> in a fact-train config).
+_RANGES: dict[str, Range] = {
+    "batch_size": count(1), "resolution": Range(int, 8, 8192, multiple_of=8), "token_dim": count(1),
+    "num_workers": count(0, 1024), "shuffle_groups": count(0), "shuffle_samples": count(0),
+    "epoch_samples": count(1), "seed": SEED, "max_consecutive_errors": count(1),
+    "worker_timeout": number(above=0.0, max=7 * 24 * 3600.0),
+}
 
 
 class _InMemory(Dataset):
@@ -96,8 +111,10 @@ class FactDataModule(pl.LightningDataModule):
         worker_timeout: float = 600.0,
     ):
         super().__init__()
-        if not worker_timeout > 0:  # also refuses NaN
-            raise ValueError(f"data.worker_timeout must be > 0 seconds, got {worker_timeout}")
+        values = locals()
+        for name, range_ in _RANGES.items():  # NaN, inf and negative counts stop here, naming the argument
+            if values[name] is not None:
+                range_.check(values[name], f"data.{name}")
         self.save_hyperparameters()
         self.root = Path(root)
         self.handler = SkipAndCount(max_consecutive_errors)
@@ -108,6 +125,7 @@ class FactDataModule(pl.LightningDataModule):
         self._val = None
         self._consumed = 0                    # training batches this rank consumed, over all runs
         self._epoch, self._in_epoch = 0, 0    # the epoch of the last consumed batch, and batches in it
+        self._said_no_partner = False
 
     def _read(self, root: Path) -> dict:
         """The checked manifest of ``root``, and the shard list with their group counts."""
@@ -139,8 +157,31 @@ class FactDataModule(pl.LightningDataModule):
     def check(self) -> None:
         """Reads and checks the manifests (cheap): a bad data folder fails before a run starts writing anything."""
         self._read(self.root)
+        self._check_batches(self.manifest, processes=1)
         if self.hparams.val_root:
             self._read(Path(self.hparams.val_root))
+
+    def _check_batches(self, manifest: dict, processes: int, loaded: int | None = None) -> None:
+        """A batch must fit in what one epoch yields; a data set without a same-identity pair is said so."""
+        hp = self.hparams
+        entries = manifest.get("shards") or []
+        if hp.streaming and hp.batch_size > hp.epoch_samples:
+            raise ValueError(f"data.batch_size {hp.batch_size} is larger than data.epoch_samples {hp.epoch_samples}: "
+                             "no full batch is ever drawn (the run would wait forever); lower data.batch_size or "
+                             "raise data.epoch_samples")
+        if not hp.streaming:
+            samples = loaded if loaded is not None else sum(e.get("images", 0) for e in entries)
+            if hp.batch_size > samples // processes:
+                share = f" ({samples // processes} per process on {processes})" if processes > 1 else ""
+                raise ValueError(f"data.batch_size {hp.batch_size} is larger than the data set: {samples} samples in "
+                                 f"{self.root}{share}, so no full batch is ever drawn and nothing would train; lower "
+                                 "data.batch_size")
+        # A group of n images is n samples; only a group of two or more gives a sample a same-identity partner.
+        if entries and all(e.get("images") == e.get("samples") for e in entries) and not self._said_no_partner:
+            self._said_no_partner = True
+            log.warning("every identity group in %s holds one image: the same-identity shuffle will have no partner "
+                        "for any sample (each is paired with itself), so the curriculum cannot act; add identities "
+                        "with two or more photos", self.root)
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -155,6 +196,8 @@ class FactDataModule(pl.LightningDataModule):
             else:
                 self._train = _InMemory(read_all(data["urls"], seed=hp.seed, **common))
                 log.info("loaded %d training samples from %s", len(self._train), self.root)
+            world = self.trainer.world_size if self.trainer is not None else 1
+            self._check_batches(self.manifest, world, None if hp.streaming else len(self._train))
         if self._val is None and hp.val_root and stage in (None, "fit", "validate"):
             data = self._read(Path(hp.val_root))
             self._val = _InMemory(read_all(data["urls"], resolution=self.resolution, token_shape=data["token_shape"],

@@ -196,7 +196,64 @@ def read_manifest(root: str | Path) -> dict:
         raise ManifestError(f"{path} is not valid JSON: {err}") from None
     if not isinstance(manifest, dict):
         raise ManifestError(f"{path} does not hold a JSON object")
+    problem = _type_problem(manifest)
+    if problem:
+        raise ManifestError(f"{path}: {problem} (the file was edited or damaged: run `fact-data build` again)")
     return manifest
+
+
+# The types of the manifest fields readers use (absent fields are the readers' to judge); checked on reading,
+# so a string where a count belongs is one error naming the file and the field, not a crash deep in a reader.
+_INT, _STR, _DICT, _LIST = (int,), (str,), (dict,), (list,)
+_MANIFEST_FIELDS = {"format_version": _INT, "shards": _LIST, "counts": _DICT, "encoder": _DICT, "options": _DICT,
+                    "vae": (dict, type(None)), "identities": _DICT, "rejects_by_reason": _DICT, "warnings": _LIST,
+                    "resumed_shards": _INT}
+_SHARD_FIELDS = {"name": _STR, "samples": _INT, "images": _INT, "sha256": (str, type(None))}
+_NESTED_FIELDS = {("encoder", "variant"): _STR, ("encoder", "token_shape"): _LIST, ("vae", "name"): _STR,
+                  ("vae", "latent_shape"): _LIST, ("options", "record"): _DICT}
+
+
+def _wrong(value, types: tuple) -> bool:
+    # JSON true is no count: bool is an int to Python, not to a manifest
+    return not isinstance(value, types) or (isinstance(value, bool) and bool not in types)
+
+
+def _type_name(types: tuple) -> str:
+    names = {int: "an integer", str: "a string", dict: "an object", list: "a list", type(None): "null"}
+    return " or ".join(names[t] for t in types)
+
+
+def _type_problem(manifest: dict) -> str | None:
+    """What in ``manifest`` has the wrong JSON type, or None."""
+    def bad(where: str, value, types: tuple) -> str:
+        return f"{where} must be {_type_name(types)}, got {type(value).__name__} {json.dumps(value)[:60]}"
+
+    for key, types in _MANIFEST_FIELDS.items():
+        if key in manifest and _wrong(manifest[key], types):
+            return bad(f"field {key!r}", manifest[key], types)
+    for (outer, key), types in _NESTED_FIELDS.items():
+        inner = manifest.get(outer) or {}
+        if key in inner and _wrong(inner[key], types):
+            return bad(f"field {outer}.{key}", inner[key], types)
+    for outer, key in (("encoder", "token_shape"), ("vae", "latent_shape")):
+        shape = (manifest.get(outer) or {}).get(key) or []
+        if any(_wrong(v, _INT) for v in shape):
+            return f"field {outer}.{key} must be a list of integers, got {json.dumps(shape)[:60]}"
+    resolution = ((manifest.get("options") or {}).get("record") or {}).get("resolution")
+    if resolution is not None and _wrong(resolution, _INT):
+        return bad("field options.record.resolution", resolution, _INT)
+    for name, value in (manifest.get("counts") or {}).items():
+        if _wrong(value, _INT):
+            return bad(f"field counts.{name}", value, _INT)
+    for i, entry in enumerate(manifest.get("shards") or []):
+        if not isinstance(entry, dict):
+            return bad(f"shards[{i}]", entry, _DICT)
+        for key, types in _SHARD_FIELDS.items():
+            if key in entry and _wrong(entry[key], types):
+                return bad(f"field shards[{i}].{key}", entry[key], types)
+        if not isinstance(entry.get("name"), str):
+            return f"shards[{i}] has no name"
+    return None
 
 
 def manifest_resolution(manifest: dict) -> int | None:

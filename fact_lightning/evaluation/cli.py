@@ -16,9 +16,11 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from fact_lightning.commands.console import exit_status, native_noise_filtered, out_console, progress, setup_logging
-from fact_lightning.commands.options import SamplingOptions, WeightOptions, command, help_text
-from fact_lightning.commands.cli_errors import guarded
+from fact_lightning.checks import count
+from fact_lightning.commands.cli_errors import guarded, run_app
+from fact_lightning.commands.console import native_noise_filtered, out_console, progress, setup_logging
+from fact_lightning.commands.options import (OVERWRITE_HELP, SamplingOptions, WeightOptions, check_numbers, command,
+                                             flag, help_text, numeric)
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,9 @@ class EvaluateOptions:
     identities: Annotated[Path, typer.Option(
         metavar="DIR", rich_help_panel=EVAL, help="Folder of <identity>/<photo> reference photos.")]
     out: Annotated[Path, typer.Option(metavar="DIR", rich_help_panel=EVAL, help="Output folder.")]
-    max_identities: Annotated[Optional[int], typer.Option(
-        metavar="N", rich_help_panel=EVAL, help="Use the first N identities (sorted).")] = None
+    overwrite: Annotated[bool, flag("--overwrite", EVAL, OVERWRITE_HELP)] = False
+    max_identities: Annotated[Optional[int], numeric(
+        count(1), metavar="N", rich_help_panel=EVAL, help="Use the first N identities (sorted).")] = None
     clip: Annotated[Optional[str], typer.Option(
         metavar="DIR|HUB_ID", rich_help_panel=EVAL,
         help="CLIP folder or hub id (e.g. openai/clip-vit-large-patch14); --tiny: random.")] = None
@@ -46,8 +49,7 @@ class EvaluateOptions:
     verbose: Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="Debug logging.")] = False
 
     def __post_init__(self) -> None:
-        if self.max_identities is not None and self.max_identities < 1:
-            raise ValueError(f"--max-identities must be at least 1, got {self.max_identities}")
+        check_numbers(self)
 
 
 def identity_photos(root: str | Path, limit: int | None = None) -> dict[str, list[Path]]:
@@ -99,7 +101,7 @@ def evaluate(opts: EvaluateOptions, weights: WeightOptions, sampling: SamplingOp
     sources = weights.sources("txt2img")
     prompts = sampling.prompt_list()
     seeds = sampling.seeds
-    output = OutputFolder(opts.out)
+    output = OutputFolder(opts.out, overwrite=opts.overwrite)
     identities = identity_photos(opts.identities, opts.max_identities)
     with native_noise_filtered():
         detector = load_detector(sources)
@@ -199,4 +201,4 @@ def evaluate_command(opts: EvaluateOptions, weights: WeightOptions, sampling: Sa
 
 def main(argv: list[str] | None = None) -> int:
     """Console script: runs the command and returns its exit status (2 for a user error)."""
-    return exit_status(app, argv)
+    return run_app(app, argv)

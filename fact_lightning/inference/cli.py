@@ -2,8 +2,9 @@
 
 Writes ``OUT/images/*.png``, ``OUT/references/*.png`` (the aligned, head-masked faces the encoder saw) and
 ``OUT/settings.json`` (every setting and, per image, its prompt and seed). Every input is checked (output
-folder writable, photos readable, a face fact-data would accept in each reference) before a model loads;
-a failed run leaves no partial output.
+folder writable and free, photos readable, a face fact-data would accept in each reference) before a model
+loads; the folder is assembled aside and put in place whole (``OutputFolder``), so a failed or stopped run
+leaves no partial output and earlier results are replaced only with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from fact_lightning.commands.console import exit_status, native_noise_filtered, out_console, progress, setup_logging
-from fact_lightning.commands.options import SamplingOptions, WeightOptions, command, flag, help_text
-from fact_lightning.commands.cli_errors import guarded
+from fact_lightning.checks import number
+from fact_lightning.commands.cli_errors import guarded, run_app
+from fact_lightning.commands.console import native_noise_filtered, out_console, progress, setup_logging
+from fact_lightning.commands.options import (OVERWRITE_HELP, SamplingOptions, WeightOptions, check_numbers, command,
+                                             flag, help_text, numeric)
 
 REFERENCE, INPAINT, CONTROL = "Reference photos and output", "Inpainting portrait mode", "ControlNet"
 
@@ -31,6 +34,7 @@ class GenerateOptions:
         metavar="PHOTO", rich_help_panel=REFERENCE,
         help="Photo of the person; repeatable (16 identity tokens each).")]
     out: Annotated[Path, typer.Option(metavar="DIR", rich_help_panel=REFERENCE, help="Output folder.")]
+    overwrite: Annotated[bool, flag("--overwrite", REFERENCE, OVERWRITE_HELP)] = False
     aligned_reference: Annotated[bool, flag(
         "--aligned-reference", REFERENCE, "The references are aligned 112x112 faces already.")] = False
     any_face: Annotated[bool, flag(
@@ -42,28 +46,27 @@ class GenerateOptions:
     mask: Annotated[Optional[Path], typer.Option(
         metavar="IMAGE", rich_help_panel=INPAINT,
         help="Mask (white = regenerate); default: the template's detected face.")] = None
-    mask_dilate: Annotated[float, typer.Option(
-        metavar="FRACTION", rich_help_panel=INPAINT, help="Grow the detected mask by this fraction of the face size.")] = 0.1
+    mask_dilate: Annotated[float, numeric(
+        number(0.0, 10.0), metavar="FRACTION", rich_help_panel=INPAINT,
+        help="Grow the detected mask by this fraction of the face size.")] = 0.1
     head_mask: Annotated[bool, flag("--head-mask", INPAINT, "Regenerate the head region, not only the face.")] = False
-    strength: Annotated[Optional[float], typer.Option(
-        metavar="FLOAT", rich_help_panel=INPAINT, show_default=False,
+    strength: Annotated[Optional[float], numeric(
+        number(above=0.0, max=1.0), metavar="FLOAT", rich_help_panel=INPAINT, show_default=False,
         help="How far the face region is re-noised (1.0: from noise; strength x steps are run); default 0.6, "
              "the official inpainting app's.")] = None
     control_image: Annotated[Optional[Path], typer.Option(
         metavar="IMAGE", rich_help_panel=CONTROL,
         help="Conditioning image of --controlnet (e.g. an OpenPose skeleton).")] = None
-    controlnet_scale: Annotated[float, typer.Option(
-        metavar="FLOAT", rich_help_panel=CONTROL, help="ControlNet conditioning scale.")] = 1.0
+    controlnet_scale: Annotated[float, numeric(
+        number(0.0, 10.0), metavar="FLOAT", rich_help_panel=CONTROL, help="ControlNet conditioning scale.")] = 1.0
     verbose: Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="Debug logging.")] = False
 
     def __post_init__(self) -> None:
+        check_numbers(self)
         if self.mask is not None and self.template is None:
             raise ValueError("--mask needs --template (the inpainting portrait mode)")
-        if self.strength is not None:
-            if self.template is None:
-                raise ValueError("--strength needs --template (the inpainting portrait mode)")
-            if not 0.0 < self.strength <= 1.0:
-                raise ValueError(f"--strength must be in (0, 1], got {self.strength}")
+        if self.strength is not None and self.template is None:
+            raise ValueError("--strength needs --template (the inpainting portrait mode)")
 
 
 def _mode(opts: GenerateOptions, weights: WeightOptions) -> str:
@@ -115,7 +118,7 @@ def generate(opts: GenerateOptions, weights: WeightOptions, sampling: SamplingOp
     mode = _mode(opts, weights)
     sources = weights.sources(mode)
     prompts = sampling.prompt_list()
-    output = OutputFolder(opts.out)
+    output = OutputFolder(opts.out, overwrite=opts.overwrite)
     photos = [read_image(path, "reference photo") for path in opts.reference]
     template = read_image(opts.template, "template photo") if opts.template else None
     mask = read_image(opts.mask, "mask image")[..., 0] if opts.mask else None
@@ -195,4 +198,4 @@ def generate_command(opts: GenerateOptions, weights: WeightOptions, sampling: Sa
 
 def main(argv: list[str] | None = None) -> int:
     """Console script: runs the command and returns its exit status (2 for a user error)."""
-    return exit_status(app, argv)
+    return run_app(app, argv)

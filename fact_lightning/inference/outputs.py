@@ -1,21 +1,37 @@
 """Reading a command's input images and writing its output folder, with errors that name the file.
 
-An :class:`OutputFolder` is checked before any work (a run must not load every model and then find it
-cannot write), is written file by file, and, when the run fails, loses what that run wrote: no partial
-output is left behind.
+An :class:`OutputFolder` never overwrites or deletes earlier results. Checked before any work (a run must
+not load every model and then find it cannot write), it is assembled aside, in a hidden sibling
+``.NAME.partial-PID``, and put in place by one rename when the run succeeds: a run that fails, is
+interrupted (Ctrl-C) or stopped (SIGTERM, which ``run_app`` turns into an exception) leaves the earlier
+folder as it was and no partial new one. A non-empty folder is replaced only with ``overwrite``, and then
+by an atomic swap. The folder's lock (an flock on the folder itself) makes a second run into the same
+place refuse at once instead of mixing files with the first.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import errno
+import fcntl
+import glob
 import json
 import logging
+import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from fact_lightning.errors import UserError
+
 log = logging.getLogger(__name__)
+
+STAGING = ".{name}.partial-"  # + pid: the sibling a run assembles its folder in
+_REPLACED = ".{name}.replaced-"  # + pid: the old folder for a moment, where the swap is not atomic
 
 
 def read_image(path: str | Path, what: str = "image") -> np.ndarray:
@@ -53,40 +69,113 @@ def _check_writable(root: Path) -> None:
                               f"({err.strerror or err})") from None
 
 
-class OutputFolder:
-    """The folder a command writes to: checked writable on creation; on failure, emptied of this run's files.
+def _busy(root: Path) -> UserError:
+    return UserError(f"another run is writing to {root}: wait for it to end, or choose another --out")
 
-    Use as a context manager: an exception inside removes every file written through :meth:`path` and
-    every folder this run created (with what other writers put there), then propagates.
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a filesystem without it (some overlays)
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class OutputFolder:
+    """The folder a command writes: checked on creation, assembled aside inside ``with``, swapped in on success.
+
+    ``overwrite``: a non-empty folder is replaced (whole, when the new one is complete); without it a
+    non-empty folder is refused. Files go where :meth:`path` and :meth:`folder` say (inside the staging
+    sibling while the run lasts).
     """
 
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
+    def __init__(self, root: str | Path, *, overwrite: bool = False):
+        self.given = Path(root)
+        # A link to a folder: the folder is what gets replaced, the link stays.
+        self.root = Path(os.path.realpath(self.given)) if self.given.is_symlink() else self.given
+        self.overwrite = overwrite
+        self.staging: Path | None = None
+        self._fd: int | None = None
+        self._created: list[Path] = []
         _check_writable(self.root)
-        self._files: list[Path] = []
-        self._dirs: list[Path] = []
+        if self.root.is_dir():  # refuse now, not after the models have loaded
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                self._try_lock(fd)
+            finally:
+                os.close(fd)  # the probe's lock goes with it
+        self._refuse_earlier_results()
 
-    def _make(self, folder: Path) -> None:
-        missing = []
-        while not folder.exists():
-            missing.append(folder)
-            folder = folder.parent
-        for folder in reversed(missing):
-            folder.mkdir()
-            self._dirs.append(folder)
+    # --- checks and the lock ----------------------------------------------------------------------------
+    def _refuse_earlier_results(self) -> None:
+        if not self.overwrite and self.root.is_dir() and any(self.root.iterdir()):
+            raise UserError(f"output folder {self.given} holds earlier results: choose another --out, or pass "
+                            "--overwrite to replace it")
 
+    def _try_lock(self, fd: int) -> None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _busy(self.given) from None
+
+    def _lock(self) -> None:
+        """Creates the folder (and missing parents) if needed and holds its lock, on the folder the path
+        names now: a run that just swapped its own folder in leaves another inode there."""
+        for _ in range(5):
+            missing = [p for p in [self.root, *self.root.parents] if not p.exists()]
+            for folder in reversed(missing):
+                with contextlib.suppress(FileExistsError):
+                    folder.mkdir()
+                    self._created.append(folder)
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                self._try_lock(fd)
+                held, named = os.fstat(fd), os.stat(self.root)
+            except BaseException:
+                os.close(fd)
+                raise
+            if (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino):
+                self._fd = fd
+                return
+            os.close(fd)
+        raise _busy(self.given)
+
+    def _sweep(self) -> None:
+        """Staging folders of runs that were killed outright (SIGKILL, power loss): with the lock held, no
+        live run owns one."""
+        pattern = glob.escape(str(self.root.parent / STAGING.format(name=self.root.name))) + "*"
+        for stale in glob.glob(pattern):
+            log.info("removing %s (left by a killed run)", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+    # --- writing --------------------------------------------------------------------------------------
     def path(self, relative: str | Path) -> Path:
-        """Where to write ``relative`` (its folders created, the file recorded as this run's)."""
-        target = self.root / relative
-        self._make(target.parent)
-        self._files.append(target)
+        """Where to write ``relative`` (its folders created)."""
+        target = self._inside(relative)
+        target.parent.mkdir(parents=True, exist_ok=True)
         return target
 
     def folder(self, relative: str | Path) -> Path:
-        """A folder for another writer (e.g. TensorBoard); removed with its contents on failure if this
-        run created it."""
-        target = self.root / relative
-        self._make(target)
+        """A folder for another writer (e.g. TensorBoard)."""
+        target = self._inside(relative)
+        target.mkdir(parents=True, exist_ok=True)
         return target
 
     def write_json(self, relative: str | Path, obj) -> Path:
@@ -94,17 +183,66 @@ class OutputFolder:
         path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
         return path
 
-    def discard(self) -> None:
-        """Removes what this run wrote: its files, then the folders it created."""
-        for path in self._files:
-            path.unlink(missing_ok=True)
-        for folder in reversed(self._dirs):
-            shutil.rmtree(folder, ignore_errors=True)
-        self._files, self._dirs = [], []
+    def _inside(self, relative: str | Path) -> Path:
+        if self.staging is None:
+            raise RuntimeError("OutputFolder is written inside its `with` block only")
+        return self.staging / relative
 
+    # --- the run --------------------------------------------------------------------------------------
     def __enter__(self) -> OutputFolder:
+        try:
+            self._lock()
+            self._refuse_earlier_results()  # a run that ended meanwhile may have filled it
+            self._sweep()
+            self.staging = self.root.parent / (STAGING.format(name=self.root.name) + str(os.getpid()))
+            self.staging.mkdir()
+        except BaseException:
+            self._release(failed=True)
+            raise
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            self.discard()
+        failed = exc_type is not None
+        try:
+            if not failed:
+                self._publish()
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            self._release(failed)
+
+    def _publish(self) -> None:
+        root, staging = self.root, self.staging
+        if not root.is_dir() or not any(root.iterdir()):
+            os.rename(staging, root)  # over an empty folder (or none): one atomic step
+        elif not self.overwrite:  # someone else's files appeared: keep theirs and ours
+            kept, self.staging = staging, None
+            raise UserError(f"output folder {self.given} was filled by another program during the run; this "
+                            f"run's results are in {kept}")
+        elif _exchange(staging, root):
+            shutil.rmtree(staging)  # the old folder, now under the staging name
+        else:
+            old = root.parent / (_REPLACED.format(name=root.name) + str(os.getpid()))
+            os.rename(root, old)
+            try:
+                os.rename(staging, root)
+            except BaseException:
+                os.rename(old, root)
+                raise
+            shutil.rmtree(old)
+        self.staging = None
+        _fsync_dir(root.parent)
+
+    def _release(self, failed: bool) -> None:
+        if failed and self.staging is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging = None
+        if failed and self._fd is not None:  # (without the lock, another run may be using them)
+            for folder in reversed(self._created):  # empty folders this run made, innermost first
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        self._created = []
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None

@@ -128,7 +128,7 @@ def test_faults_are_one_line_exit_2_and_leave_nothing(tmp_path):
     nan_file = save_adapter(nan_adapter, tmp_path / "nan.safetensors")
     cases = [
         (["--reference", wide], [str(wide), "face_too_small", "60000x2"]),
-        (["--reference", OBAMA[0], "--steps", "0"], ["--steps", "at least 1"]),
+        (["--reference", OBAMA[0], "--steps", "0"], ["--steps", "must be an integer in [1, 1000], got 0"]),
         (["--reference", tmp_path], [str(tmp_path), "is a directory"]),
         (["--reference", garbage], [str(garbage), "not_an_image"]),
         (["--reference", OBAMA[0], "--adapter", nan_file], [str(nan_file), "non-finite"]),

@@ -31,20 +31,21 @@ def test_every_loader_uses_it(tmp_path):
         load_base_model(tmp_path / "sd15")
 
 
-def test_a_failed_run_removes_only_what_it_wrote(tmp_path):
+def test_a_failed_run_leaves_the_folder_as_it_found_it(tmp_path):
     out = tmp_path / "out"
     (out / "images").mkdir(parents=True)
     (out / "images" / "old.png").write_bytes(b"earlier run")
     with pytest.raises(RuntimeError):
-        with OutputFolder(out) as output:
+        with OutputFolder(out, overwrite=True) as output:
             output.path("images/new.png").write_bytes(b"x")
             output.path("references/ref.png").write_bytes(b"x")
             (output.folder("tensorboard") / "events").write_bytes(b"x")
             raise RuntimeError("interrupted")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["images", "images/old.png"]
-    with OutputFolder(out) as output:  # success keeps everything
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left
+    with OutputFolder(out, overwrite=True) as output:  # success replaces the folder whole
         output.write_json("settings.json", {"a": 1})
-    assert (out / "settings.json").is_file()
+    assert sorted(p.name for p in out.iterdir()) == ["settings.json"]
 
 
 def test_unwritable_and_unreadable_paths_are_named(tmp_path):
