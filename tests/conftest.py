@@ -4,11 +4,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 from pathlib import Path
+
+# One compute thread per test process, inherited by the commands the tests start. The suite runs one xdist
+# worker per core and many tests start subprocesses: with torch's default of one OpenMP thread per core, the
+# threads outnumber the cores and spin-wait on each other (measured: a tiny UNet forward took 2-5 s instead
+# of 0.1 s under that load). Set before torch is imported, so its thread pool starts at this size.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
 
 import numpy as np
 import pytest
 import torch
+
+torch.set_num_threads(1)  # in case a plugin imported torch before the lines above ran
 
 from fact_lightning.models.resampler import TINY_RESAMPLER, ResamplerConfig
 from fact_lightning.tiny import tiny_base_model
@@ -63,3 +73,14 @@ def unet_inputs():
         "timestep": torch.tensor([10, 700]),
         "encoder_hidden_states": torch.randn(2, 77, 32, generator=g),
     }
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under ``--dist loadgroup`` (make test), the tests that use a module-scoped fixture (a training run, a
+    TensorBoard server, a built dataset) run on one xdist worker, so that fixture is built once; the others
+    spread over the workers one by one."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)  # pytest's record of the fixtures a test resolved
+        defs = info.name2fixturedefs.values() if info is not None else ()
+        if any(d.scope == "module" for chain in defs for d in chain):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
