@@ -18,7 +18,7 @@ from PIL import Image
 
 from data_tools import sources
 from data_tools.sources import NOT_A_FILE, UNREADABLE_FOLDER, UNSUPPORTED_FORMAT, decodable_extensions, discover
-from dt_helpers import FACE_PHOTO, RAW
+from dt_helpers import FACE_PHOTO, RAW, one_error_line
 from fact_lightning.data import shards
 from fact_lightning.experiments.synthetic import write_synthetic_shards
 from fact_lightning.faces.decode import NOT_AN_IMAGE
@@ -31,15 +31,6 @@ TINY = ["--encoder", "tiny", "--random-encoder"]
 
 def fact_data(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([FACT_DATA, *args], capture_output=True, text=True, timeout=120, env=ENV)
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """Exit 2 and exactly one `error:` line, no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stdout[-1000:], result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def _one_of_each(src: Path) -> dict[str, str | None]:

@@ -19,6 +19,7 @@ from PIL import Image
 from data_tools.dataset import inspect_dataset, iter_images
 from data_tools.latents import run_add_latents
 from data_tools.options import AddLatentsOptions, LatentOptions
+from dt_helpers import rewrite_shard
 from fact_lightning.data import schema, shards
 from fact_lightning.data.datamodule import FactDataModule
 from fact_lightning.data.pipeline import SkipAndCount, build_pipeline, read_all
@@ -140,21 +141,8 @@ IMAGE_ONLY = {"mask_wrong_size", "mask_rgb", "garbage_jpeg", "truncated_jpeg", "
 
 
 def _rewrite(root: Path, index: int, change, marker: Path) -> None:
-    """Rewrite one shard with ``change`` applied to the victim's raw sample and record its new hash in the
-    stats and the manifest, as a writer would: only the content is bad."""
-    path = root / shards.shard_name(index)
-    samples = list(shards.iter_raw_samples(path))
-    for sample in samples:
-        if sample["__key__"] == VICTIM:
-            change(sample, marker)
-    with shards.ShardWriter(path) as writer:
-        for sample in samples:
-            writer.write({k: v for k, v in sample.items() if k != "__url__"})
-    shards.write_stats(root, index, {**shards.read_stats(root, index), "sha256": writer.sha256,
-                                     "tar_bytes": writer.tar_bytes})
-    manifest = shards.read_manifest(root)
-    manifest["shards"][index]["sha256"] = writer.sha256
-    shards.write_manifest(root, manifest)
+    """Rewrite one shard with ``change`` applied to the victim's raw sample (only the content is bad)."""
+    rewrite_shard(root, index, lambda sample: change(sample, marker) if sample["__key__"] == VICTIM else None)
 
 
 def _reader_args(root: Path, handler: SkipAndCount) -> dict:

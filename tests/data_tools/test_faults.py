@@ -22,7 +22,7 @@ from data_tools.build import run_build
 from data_tools.dataset import inspect_dataset
 from data_tools.records import RecordOptions, read_regular_file
 from data_tools.sources import LINK_LOOP, NOT_A_FILE, discover
-from dt_helpers import RAW, build_opts
+from dt_helpers import RAW, build_opts, one_error_line, rewrite_shard
 from worker_deaths import kill_a_worker_of_a_build
 from fact_lightning.data import shards
 from fact_lightning.errors import UserError
@@ -34,15 +34,6 @@ TINY = ["--encoder", "tiny", "--random-encoder"]
 
 def fact_data(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([FACT_DATA, *args], capture_output=True, text=True, timeout=timeout, env=env or ENV)
-
-
-def one_error_line(result: subprocess.CompletedProcess) -> str:
-    """The command failed with exit 2 and exactly one `error:` line, no traceback."""
-    assert result.returncode == 2, (result.returncode, result.stdout[-1000:], result.stderr[-2000:])
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    return lines[0]
 
 
 def small_src(root: Path) -> Path:
@@ -251,22 +242,6 @@ def test_resume_rebuilds_a_bit_flipped_shard(tmp_path):
     assert shard.read_bytes() == good
 
 
-def _rewrite(root: Path, index: int, change) -> None:
-    """Rewrite one shard with ``change(sample)`` applied, and record its new hash (so only the content is bad)."""
-    path = root / shards.shard_name(index)
-    samples = list(shards.iter_raw_samples(path))
-    for sample in samples:
-        change(sample)
-    with shards.ShardWriter(path) as writer:
-        for sample in samples:
-            writer.write({k: v for k, v in sample.items() if k != "__url__"})
-    shards.write_stats(root, index, {**shards.read_stats(root, index), "sha256": writer.sha256,
-                                     "tar_bytes": writer.tar_bytes})
-    manifest = shards.read_manifest(root)
-    manifest["shards"][[s["name"] for s in manifest["shards"]].index(path.name)]["sha256"] = writer.sha256
-    shards.write_manifest(root, manifest)
-
-
 def _garbage_crop(sample):
     sample["00.crop.jpg"] = b"\xff\xd8\xff" + b"garbage" * 50
 
@@ -284,9 +259,9 @@ def test_inspect_finds_damaged_shards(built, tmp_path, damage):
     shutil.copytree(out, root)
     name = manifest["shards"][0]["name"]
     if damage == "garbage_image":
-        _rewrite(root, 0, _garbage_crop)
+        rewrite_shard(root, 0, _garbage_crop)
     elif damage == "token_shape":
-        _rewrite(root, 0, _narrow_tokens)
+        rewrite_shard(root, 0, _narrow_tokens)
     else:
         data = bytearray((root / name).read_bytes())
         data[len(data) // 3] ^= 0x10
@@ -308,7 +283,7 @@ def test_preview_and_verify_on_a_garbage_image_end_in_one_line(built, tmp_path, 
     out, manifest = built
     root = tmp_path / "copy"
     shutil.copytree(out, root)
-    _rewrite(root, 0, _garbage_crop)
+    rewrite_shard(root, 0, _garbage_crop)
     written = tmp_path / ("sheet.png" if command == "preview" else "report.jsonl")
     flag = "--out" if command == "preview" else "--report"
     line = one_error_line(fact_data(command, str(root), flag, str(written)))
