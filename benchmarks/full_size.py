@@ -12,8 +12,9 @@ SFAGS, float32, batch 1. Four variants run interleaved in ONE loop (medians of `
 - ``step_vae``: the same step with the VAE encoding the pixels in it.
 
 Writes ``full_size.json``: the times, FLOP counts (``FlopCounterMode``, one call each), and the ratios
-``adapter_over_frozen`` (target <= 1.6) and ``vae_over_cached`` (about 1.15-1.25 expected on a CPU), from the
-medians and from the fastest calls. On a machine shared with other jobs use ``--threads 1``: with more torch
+``adapter_over_frozen`` (target <= 1.6), ``vae_over_cached`` (about 1.15-1.25 expected on a CPU) and
+``step_over_adapter_unet`` (the whole cached-latent step over the adapted UNet's forward + backward: what the
+step adds around the UNet), from the medians, from the fastest calls and from the FLOP counts. On a machine shared with other jobs use ``--threads 1``: with more torch
 threads than free cores every parallel region waits for its slowest thread, and calls vary 3-5x.
 """
 
@@ -111,16 +112,19 @@ def run(out_dir: str | Path | None = None, *, tiny: bool = False, resolution: in
         "adapter_target": ADAPTER_TARGET,
         "vae_over_cached": med["step_vae"] / med["step_cached"],
         "step_cached_over_frozen": med["step_cached"] / med["frozen_unet"],
+        "step_over_adapter_unet": med["step_cached"] / med["adapter_unet"],
     }
     ratios["adapter_meets_target"] = ratios["adapter_over_frozen"] <= ADAPTER_TARGET
     # Interference from other processes only adds time: ratios of the fastest calls are a second estimate.
     low = {name: result["variants"][name]["min_s"] for name in VARIANTS}
     ratios["adapter_over_frozen_min"] = low["adapter_unet"] / low["frozen_unet"]
     ratios["vae_over_cached_min"] = low["step_vae"] / low["step_cached"]
+    ratios["step_over_adapter_unet_min"] = low["step_cached"] / low["adapter_unet"]
     if flops:
         gf = {name: result["variants"][name]["gflop"] for name in VARIANTS}
         ratios["adapter_over_frozen_flops"] = gf["adapter_unet"] / gf["frozen_unet"]
         ratios["vae_over_cached_flops"] = gf["step_vae"] / gf["step_cached"]
+        ratios["step_over_adapter_unet_flops"] = gf["step_cached"] / gf["adapter_unet"]
     result["ratios"] = {k: round(v, 3) if isinstance(v, float) else v for k, v in ratios.items()}
     result["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)
     result["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)

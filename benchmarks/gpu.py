@@ -1,275 +1,303 @@
 """Training throughput and MFU at full SD1.5 size on one GPU, against a plain diffusers-style loop.
 
-    python -m benchmarks.gpu [--out bench_results/gpu.json] [--compile] [--peak-tflops 989]
-    python -m benchmarks.gpu --device cpu --tiny --out tmp/gpu.json     # checks the script in seconds
+    python -m benchmarks.gpu [--out bench_results/gpu.json] [--compile] [--peak-tflops 989.5]
+    python -m benchmarks.gpu --device cpu --tiny --out tmp/gpu.json     # checks the script on a CPU
 
 SD1.5-size random weights (``benchmarks.sd15``), 512 px, the frozen parts in bf16 under bf16 autocast
 (``--precision bf16-mixed``, the default on CUDA; ``32``, all float32, is the CPU default), the official Prj and
 16 SFAGS in float32. A step is ``FactModule.compute_losses`` + ``loss.backward()`` + gradient clipping (1.0,
-the diffusers examples'; configs/sd15*.yaml do not clip, so this slightly overstates their step) + Adam. Two
-variants in the same run, at the same batch size (``--batch``, 8):
+the diffusers examples'; configs/sd15*.yaml do not clip, so this slightly overstates their step) + Adam.
 
-- ``plain``: the loop as the diffusers training examples write it: VAE and text encoder every step,
-  bf16 autocast with float32 trainable weights, non-fused Adam, no compile, no channels-last;
-- ``optimized``: cached latents (``latent_mean``/``latent_std`` in the batch, no VAE), bf16 autocast with
-  float32 master weights, fused Adam (non-finite steps skipped on the device), channels-last UNet, cuDNN
-  autotuning, and with ``--compile`` a ``torch.compile``d UNet (compile time excluded from the timing, reported).
+- ``plain``: the loop as the diffusers training examples write it: VAE and text encoder every step, bf16
+  autocast with float32 trainable weights, non-fused Adam, no compile, no channels-last;
+- ``optimized``: every switch on: cached latents (``latent_mean``/``latent_std`` in the batch, no VAE), fused
+  Adam (non-finite steps skipped on the device), channels-last UNet and VAE, cuDNN autotuning, and with
+  ``--compile`` a ``torch.compile``d UNet;
+- the ablation: plain with ONE switch on, for each switch, so that a switch that hurts shows.
 
-Then the optimized variant at growing batch sizes (doubling up to ``--max-batch``, then bisecting in steps
-of 8 after an out-of-memory) for the largest batch that fits. Each run reports samples/s, MFU (FLOPs of one
-step counted by ``FlopCounterMode`` over the peak: H100 SXM/H200 989, H100 PCIe 756, A100 312 dense bf16
-TFLOP/s, or ``--peak-tflops``) and peak memory. ``--time-budget`` bounds the whole run (warm-up and measured steps shrink, batch sizes are skipped).
-One JSON is written at the end even when a variant fails (its error is recorded; the exit status is then 1).
+All of them run at the same batch (``--batch``, 8), alternating step by step in one loop (``timing.interleaved``,
+medians): the headline ``speedup_equal_batch`` and the ``ablation`` ratios compare equal work under equal load.
+Then ``plain`` and ``optimized`` each search their own largest batch (doubling up to ``--max-batch``, bisecting
+in steps of 8 after an out-of-memory, cuBLAS/cuDNN allocation failures included), and each reports its best
+batch; ``speedup_best_vs_best`` compares the two at their own best batches. The data path runs the optimized
+step from ``FactDataModule`` over synthetic shards with cached latents (``benchmarks.data_path``): the reader's
+samples/s alone and the bytes per sample shipped to the device. One optimized step runs under
+``benchmarks.step_copies.HostCopyCounter``: its host-to-device copies and host reads.
+
+MFU: FLOPs of one step (``FlopCounterMode``) over the dense bf16 peak of the GPU (``benchmarks.peaks``, read
+from the device's name; a name not in the table or a MIG slice gives no MFU, with the reason) or
+``--peak-tflops``. ``--time-budget`` bounds the whole run from the start of the process: imports, building,
+FLOP counts, compilation, warm-up and measured steps all spend it; each phase checks what is left first, what
+did not fit is listed under ``budget.skipped``, and a phase still running when the budget ends (a first
+compilation has no estimate) is interrupted. One JSON is written at the end even when a part fails or is cut
+short (its error is recorded; the exit status is then 1, as when the equal-batch speedup is missing).
 """
 
 from __future__ import annotations
 
-import argparse
-import gc
-import json
-import logging
-import math
-import sys
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
 
-import torch
+_IMPORTED = time.monotonic()  # before the heavy imports: the clock's start where the OS does not record it
 
-from benchmarks.sd15 import SD15RandomBase, environment, projection_config, synthetic_batch
-from benchmarks.timing import count_flops, synchronize
-from fact_lightning.training.module import FactModule
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+from dataclasses import asdict  # noqa: E402
+from functools import partial  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+from benchmarks import data_path  # noqa: E402
+from benchmarks.batch_search import is_oom, run_search  # noqa: E402
+from benchmarks.budget import Budget, BudgetExceeded, process_start  # noqa: E402
+from benchmarks.gpu_step import (PLAIN, SWITCHES, Trainer, Variant, add_mfu, error_text, fmt,  # noqa: E402
+                                 free_memory, optimized, peak_gib, single_switches, timed_steps)
+from benchmarks.peaks import detect_peak_tflops, device_name  # noqa: E402,F401  (detect_peak_tflops: API)
+from benchmarks.sd15 import environment  # noqa: E402
+from benchmarks.step_copies import HostCopyCounter  # noqa: E402
+from benchmarks.timing import count_flops, interleaved  # noqa: E402
 
 log = logging.getLogger("benchmarks.gpu")
 
 TARGET_MFU, TARGET_SPEEDUP = 0.5, 2.0
-GRAD_CLIP = 1.0  # the diffusers examples' max_grad_norm (configs/sd15*.yaml do not clip, as the paper)
-# Dense bf16 tensor-core peaks (TFLOP/s), matched against torch.cuda.get_device_name() in this order.
-PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-               ("A100", 312.0))
+EQUAL_BATCH_SHARE = 0.5  # of the time left when the equal-batch timing starts, if later phases follow
 
 
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    cached_latents: bool
-    channels_last: bool
-    fused_adam: bool
-    compile: bool
-    cudnn_benchmark: bool
-
-
-PLAIN = Variant("plain", cached_latents=False, channels_last=False, fused_adam=False, compile=False,
-                cudnn_benchmark=False)
-
-
-def optimized(compile_unet: bool) -> Variant:
-    return Variant("optimized", cached_latents=True, channels_last=True, fused_adam=True, compile=compile_unet,
-                   cudnn_benchmark=True)
-
-
-def detect_peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
-    """The device's dense bf16 peak and where it came from."""
-    if override is not None:
-        return override, "--peak-tflops"
-    if device.type != "cuda":
-        return None, "unknown for this device (give --peak-tflops)"
-    name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_TFLOPS:
-        if key in name:
-            return peak, f"detected from {name!r}"
-    return None, f"unknown for {name!r} (give --peak-tflops)"
-
-
-class Trainer:
-    """One variant's module and optimizer, and its training step (what Lightning's loop does, minus logging)."""
-
-    def __init__(self, variant: Variant, device: torch.device, tiny: bool, seed: int, precision: str = "bf16-mixed"):
-        self.variant, self.device = variant, device
-        self.mixed = precision == "bf16-mixed"
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = variant.cudnn_benchmark
-        frozen = "bfloat16" if self.mixed else "float32"
-        self.module = FactModule(SD15RandomBase(seed=seed, device=str(device), frozen_dtype=frozen, tiny=tiny),
-                                 projection_config(tiny), channels_last=variant.channels_last)
-        self.module.configure_model()  # compile is applied after counting FLOPs (see compile_unet)
-        self.module.to(device).train()
-        self.params = [p for p in self.module.adapter.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(self.params, lr=1e-4, fused=True if variant.fused_adam else None)
-        self.token_dim = self.module.projection_config.token_dim
-        self.steps = 0
-        self.compile_s = 0.0  # measured on the first compiled step
-
-    def batch(self, size: int, resolution: int) -> dict:
-        return synthetic_batch(size, resolution, self.token_dim, device=self.device,
-                               cached_latents=self.variant.cached_latents, seed=size)
-
-    def step(self, batch: dict) -> None:
-        self.steps += 1
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.mixed):
-            loss = self.module.compute_losses(batch, self.steps)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, GRAD_CLIP)
-        if self.variant.fused_adam:  # as FactModule.training_step: a non-finite step is skipped on the device
-            self.optimizer.found_inf = 1.0 - torch.isfinite(loss.detach()).float()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def compile_unet(self) -> None:
-        """What ``FactModule(compile=True)`` does in ``configure_model``: the UNet compiled in place."""
-        self.module.unet.compile()
-
-    def release(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        del self.module, self.optimizer, self.params
-
-
-def free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def measure(trainer: Trainer, batch_size: int, resolution: int, warmup: int, steps: int, deadline: float) -> dict:
-    """Warm-up steps, then ``steps`` timed steps (fewer if the time budget runs short): samples/s."""
-    device = trainer.device
-    batch = trainer.batch(batch_size, resolution)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    warm = []
-    for _ in range(max(warmup, 1)):
-        synchronize(device)
-        start = time.perf_counter()
-        trainer.step(batch)
-        synchronize(device)
-        warm.append(time.perf_counter() - start)
-    left = deadline - time.perf_counter()
-    n = max(1, min(steps, math.floor(0.5 * left / warm[-1]))) if left > 0 else 1
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(n):
-        trainer.step(batch)
-    synchronize(device)
-    elapsed = time.perf_counter() - start
-    run = {"batch": batch_size, "steps": n, "step_s": elapsed / n, "samples_per_s": batch_size * n / elapsed,
-           "warmup_steps": len(warm), "warmup_s": sum(warm), "first_step_s": warm[0]}
-    run["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return run
-
-
-def add_mfu(run: dict, gflop_per_sample: float | None, peak_tflops: float | None) -> dict:
-    if gflop_per_sample is not None:
-        run["tflop_per_s"] = gflop_per_sample * run["samples_per_s"] / 1e3
-        run["mfu"] = run["tflop_per_s"] / peak_tflops if peak_tflops else None
-    return run
-
-
-def run_variant(variant: Variant, args: argparse.Namespace, device: torch.device, peak: float | None,
-                deadline: float, search: bool) -> dict:
-    """Builds the variant, counts one step's FLOPs, measures it at ``args.batch`` and, with ``search``,
-    at growing batch sizes. Errors end up in the returned dict, never raised."""
-    out: dict = {"settings": asdict(variant), "runs": []}
-    trainer = None
+def prepare(variant: Variant, entry: dict, args: argparse.Namespace, device: torch.device, budget: Budget,
+            estimates: dict, flops: bool) -> Trainer | None:
+    """Builds a variant, counts one step's FLOPs (with ``flops``), compiles it and warms it up at ``args.batch``,
+    each phase only if the budget allows it; returns the trainer, or None. What it measured, and its errors,
+    go into ``entry``: never raised."""
+    name, trainer = variant.name, None
     try:
-        log.info("[%s] building (%s)", variant.name, "tiny" if args.tiny else "SD1.5 size")
-        start = time.perf_counter()
-        trainer = Trainer(variant, device, args.tiny, args.seed, args.precision)
-        out["build_s"] = time.perf_counter() - start
-        log.info("[%s] counting the FLOPs of one step at batch %d", variant.name, args.batch)
-        flops_batch = trainer.batch(args.batch, args.resolution)
-        out["gflop_per_sample"] = count_flops(lambda: trainer.step(flops_batch)) / 1e9 / args.batch
-        del flops_batch
-        if variant.compile:
+        if not budget.allows(f"{name}: build", estimates.get("build_s", 0.0)):
+            entry["skipped"] = "time budget"
+            return None
+        log.info("[%s] building (%s)", name, "tiny" if args.tiny else "SD1.5 size")
+        with budget.phase("build", f"{name}: build"):
+            start = time.monotonic()
+            trainer = Trainer(variant, device, args.tiny, args.seed, args.precision)
+            entry["build_s"] = estimates["build_s"] = time.monotonic() - start
+        batch = trainer.batch(args.batch, args.resolution)
+        if flops:
+            entry["gflop_per_sample"] = None
+            if budget.allows(f"{name}: FLOP count", estimates.get("step_s", 0.0)):
+                log.info("[%s] counting the FLOPs of one step at batch %d", name, args.batch)
+                with budget.phase("flop count", f"{name}: FLOP count"):
+                    start = time.monotonic()
+                    entry["gflop_per_sample"] = count_flops(lambda: trainer.step(batch)) / 1e9 / args.batch
+                    estimates.setdefault("step_s", time.monotonic() - start)
+        needed = estimates.get("step_s", 0.0) * max(args.warmup, 1)
+        if variant.compile:  # compiled on the first warm-up step: as long as the last compilation, if any
             trainer.compile_unet()
-        run = measure(trainer, args.batch, args.resolution, args.warmup, args.steps, deadline)
-        if variant.compile:  # the first call traces and compiles; each new batch size recompiles
-            out["compile_s"] = trainer.compile_s = run["first_step_s"] - run["step_s"]
-        out["runs"].append(add_mfu(run, out["gflop_per_sample"], peak))
-        log.info("[%s] batch %d: %.2f samples/s, MFU %s, peak memory %s GiB", variant.name, args.batch,
-                 run["samples_per_s"], _fmt(run.get("mfu")), _fmt(run["peak_memory_gib"]))
+            needed += estimates.get("compile_s", 0.0)
+        if not budget.allows(f"{name}: warm-up", needed):
+            entry["skipped"] = "time budget"
+            trainer.release()
+            return None
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        resident = torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        with budget.phase("warm-up (compilation included)", f"{name}: warm-up"):
+            warm = timed_steps(trainer, batch, max(args.warmup, 1))
+        entry["warmup"] = {"steps": len(warm), "seconds": sum(warm), "first_step_s": warm[0], "last_step_s": warm[-1],
+                           "peak_memory_gib": peak_gib(device), "resident_gib_before": resident}
+        estimates["step_s"] = warm[-1]
+        if variant.compile:
+            estimates["compile_s"] = max(warm[0] - warm[-1], 0.0)
+        trainer.bench_batch = batch
+        return trainer
     except Exception as err:  # a CLI benchmark: record the failure, still write the JSON
-        out["error"] = _error(err)
-        log.exception("[%s] failed", variant.name)
-    if search and "error" not in out:
-        try:
-            out["search"] = search_batch(trainer, args, peak, out["gflop_per_sample"], deadline, out["runs"])
-        except Exception as err:  # keep the runs measured so far
-            out["search"] = {"error": _error(err)}
-            log.exception("[%s] batch search failed", variant.name)
-        fits = [r for r in out["runs"] if "error" not in r]
-        out["largest_batch"] = max(fits, key=lambda r: r["batch"])["batch"]
-    if trainer is not None:
-        trainer.release()
-    del trainer
-    free_memory(device)
-    return out
+        entry["error" if not is_oom(error_text(err)) or name in ("plain", "optimized") else "skipped"] = error_text(err)
+        log.exception("[%s] failed", name)
+        if trainer is not None:
+            trainer.release()
+        free_memory(device)
+        return None
 
 
-def search_batch(trainer: Trainer, args: argparse.Namespace, peak: float | None, gflop_per_sample: float,
-                 deadline: float, runs: list[dict]) -> dict:
-    """Doubles the batch from ``args.batch`` up to ``args.max_batch``; after an out-of-memory, bisects between
-    the largest batch that fitted and the smallest that did not, in multiples of 8 (a few tries at most)."""
-    last_ok, failed, tried = args.batch, None, []
-    candidates = []
-    size = args.batch * 2
-    while size <= args.max_batch:
-        candidates.append(size)
-        size *= 2
-    stop = "max_batch reached"
-    while candidates:
-        size = candidates.pop(0)
-        ok = [r for r in runs if "error" not in r][-1]
-        step_estimate = ok["step_s"] * size / ok["batch"]
-        needed = step_estimate * (args.search_warmup + args.search_steps) * 1.5 + trainer.compile_s
-        if time.perf_counter() + needed > deadline:
-            stop = f"time budget: batch {size} skipped"
-            break
-        tried.append(size)
-        try:
-            run = measure(trainer, size, args.resolution, args.search_warmup, args.search_steps, deadline)
-        except RuntimeError as err:  # torch.cuda.OutOfMemoryError is one; the CPU allocator raises a plain one
-            error = _error(err)
-            run = None
-        if run is None:
-            trainer.optimizer.zero_grad(set_to_none=True)
-            free_memory(trainer.device)
-            runs.append({"batch": size, "error": error})
-            log.info("[%s] batch %d: %s", trainer.variant.name, size, error.splitlines()[0][:160])
-            if not _is_oom(error):
-                stop = "error"
-                break
-            failed, stop = size, "out of memory"
+def equal_batch(trainers: dict[str, Trainer], entries: dict[str, dict], args: argparse.Namespace,
+                budget: Budget, peak: float | None) -> dict[str, list[float]]:
+    """Every ready variant at ``args.batch``, alternating step by step in one loop: seconds per step of each.
+
+    Takes at most a share of the time left (all of it when nothing follows); drops the ablation variants first
+    when even one round of all of them does not fit."""
+    later = args.search or args.data_path
+    share = EQUAL_BATCH_SHARE if later else 0.9
+    names = list(trainers)
+    round_s = lambda ns: sum(entries[n]["warmup"]["last_step_s"] for n in ns)  # noqa: E731
+    left = budget.left()
+    if share * left < round_s(names) and len(names) > 2:
+        for n in names[2:]:
+            budget.skip(f"{n}: equal-batch timing", "time budget: one round of every variant does not fit")
+            entries[n]["skipped"] = "time budget"
+        names = names[:2]
+    repeats = min(args.steps, math.floor(share * left / round_s(names))) if round_s(names) > 0 else args.steps
+    if repeats < 1:
+        if not budget.allows("equal-batch timing", round_s(names)):
+            return {}
+        repeats = 1
+    log.info("equal batch %d: %s, %d interleaved rounds", args.batch, ", ".join(names), repeats)
+    with budget.phase("equal-batch timing"):
+        times = interleaved({n: partial(trainers[n].step, trainers[n].bench_batch) for n in names}, repeats,
+                            warmup=0, device=trainers[names[0]].device)
+    for name, seconds in times.items():
+        entry, median = entries[name], statistics.median(seconds)
+        run = {"batch": args.batch, "steps": len(seconds), "interleaved": True, "step_s": median,
+               "step_s_min": min(seconds), "samples_per_s": args.batch / median,
+               "warmup_steps": entry["warmup"]["steps"], "warmup_s": entry["warmup"]["seconds"],
+               "first_step_s": entry["warmup"]["first_step_s"], "peak_memory_gib": entry["warmup"]["peak_memory_gib"]}
+        if trainers[name].variant.compile:  # the first call traces and compiles; each new batch size recompiles
+            entry["compile_s"] = trainers[name].compile_s = max(run["first_step_s"] - median, 0.0)
+        entry["runs"].append(add_mfu(run, entry.get("gflop_per_sample"), peak))
+        log.info("[%s] batch %d: %.2f samples/s, MFU %s", name, args.batch, run["samples_per_s"], fmt(run.get("mfu")))
+    return times
+
+
+def ablation_table(times: dict[str, list[float]], entries: dict[str, dict], batch: int) -> dict:
+    """Each variant against plain at the same batch, from the same interleaved loop: plain's median step time
+    over the variant's (> 1: faster than plain)."""
+    table: dict = {"batch": batch, "interleaved": True, "baseline": "plain",
+                   "ratio": "plain median step time / variant median step time (> 1: faster than plain)",
+                   "switches": {}}
+    plain = times.get("plain")
+    for name, entry in entries.items():
+        if name == "plain":
+            continue
+        row: dict = {"settings_on": [s for s in SWITCHES if entry["settings"][s]]}
+        if plain and name in times:
+            med = statistics.median(times[name])
+            row.update(speedup_vs_plain=statistics.median(plain) / med,
+                       speedup_vs_plain_fastest=min(plain) / min(times[name]), samples_per_s=batch / med,
+                       step_s=med, repeats=len(times[name]))
+        elif "error" in entry:
+            row["error"] = entry["error"]
         else:
-            runs.append(add_mfu(run, gflop_per_sample, peak))
-            last_ok = size
-            log.info("[%s] batch %d: %.2f samples/s, MFU %s, peak memory %s GiB", trainer.variant.name, size,
-                     run["samples_per_s"], _fmt(run.get("mfu")), _fmt(run["peak_memory_gib"]))
-        if failed is not None:  # bisect between the largest fitting and the smallest failing batch
-            mid = (last_ok + failed) // 2 // 8 * 8
-            candidates = [mid] if failed - last_ok > 8 and mid > last_ok and mid not in tried else []
-    return {"tried": tried, "largest_fitting": last_ok, "smallest_failing": failed, "stopped_by": stop}
+            row["skipped"] = entry.get("skipped") or "not timed"
+        table["switches"][name] = row
+    table["slower_than_plain"] = [n for n, r in table["switches"].items() if r.get("speedup_vs_plain", 1.0) < 1.0]
+    return table
+
+
+def count_step_copies(trainer: Trainer) -> dict:
+    """Two steps of ``trainer`` under ``HostCopyCounter``; the second's host-to-device copies and host reads (the
+    first also pays one-time moves, e.g. the noise schedule's table on its first use)."""
+    counter = HostCopyCounter(trainer.device, [trainer.device_tensors(), trainer.bench_batch])
+    # A compiled UNet runs eagerly here: the mode would otherwise be a new guard, and a recompilation.
+    eager = torch.compiler.set_stance("force_eager") if trainer.variant.compile else contextlib.nullcontext()
+    with eager:
+        for step in (0, 1):
+            with counter.at_step(step):
+                trainer.step(trainer.bench_batch)
+    copies, reads = [e for e in counter.copies if e.step == 1], [e for e in counter.syncs if e.step == 1]
+    blocking = [e for e in copies if not e.non_blocking]
+    return {"counted_step": "the second of two", "blocking_host_to_device": len(blocking),
+            "non_blocking_host_to_device": len(copies) - len(blocking), "host_reads": len(reads),
+            "events": [str(e) for e in copies + reads]}
+
+
+def run_all(args: argparse.Namespace, device: torch.device, budget: Budget, peak: float | None, result: dict) -> None:
+    """The phases in order, each within what is left of the budget (see the module doc)."""
+    variants = [PLAIN, optimized(args.compile)] + (single_switches(args.compile) if args.ablation else [])
+    trainers: dict[str, Trainer] = {}
+    entries: dict[str, dict] = {}
+    estimates: dict = {}
+    result["variants"] = {}
+    try:
+        for variant in variants:
+            entries[variant.name] = entry = {"settings": asdict(variant), "runs": []}
+            if variant.name in ("plain", "optimized"):
+                result["variants"][variant.name] = entry
+            trainer = prepare(variant, entry, args, device, budget, estimates,
+                              flops=variant.name in ("plain", "optimized"))
+            if trainer is not None:
+                trainers[variant.name] = trainer
+        times = equal_batch(trainers, entries, args, budget, peak) if trainers else {}
+        if args.ablation:
+            result["ablation"] = ablation_table(times, entries, args.batch)
+        opt, plain = trainers.get("optimized"), trainers.get("plain")
+        if opt is not None and budget.allows("host-copy count", 6 * estimates.get("step_s", 0.0)):
+            with budget.phase("host-copy count"):
+                try:
+                    result["step_host_copies"] = count_step_copies(opt)
+                except Exception as err:
+                    result["step_host_copies"] = {"error": error_text(err)}
+                    log.exception("[host-copy count] failed")
+        if args.data_path and opt is not None:
+            needed = 4 * estimates.get("step_s", 0.0) + 2.0
+            if budget.allows("data path", needed):
+                seconds = max(0.25 * budget.left() / 2, estimates.get("step_s", 0.0))
+                with budget.phase("data path"):
+                    try:
+                        result["data_path"] = data_path.measure(
+                            opt, batch_size=args.batch, resolution=args.resolution, workers=args.data_workers,
+                            batches=args.data_batches, seconds=seconds, seed=args.seed)
+                    except Exception as err:
+                        result["data_path"] = {"error": error_text(err)}
+                        log.exception("[data path] failed")
+        for name in [n for n in trainers if n not in ("plain", "optimized")]:
+            trainers.pop(name).release()
+        free_memory(device)
+        if args.search:  # each alone on the device but for the other's weights; optimized first, then plain alone
+            if opt is not None:
+                deadline = budget.deadline if plain is None else time.monotonic() + budget.left() / 2
+                run_search(opt, entries["optimized"], args, peak, budget, deadline)
+                trainers.pop("optimized").release()
+                free_memory(device)
+            if plain is not None:
+                run_search(plain, entries["plain"], args, peak, budget, budget.deadline)
+    finally:
+        for trainer in trainers.values():
+            trainer.release()
+        trainers.clear()
+        free_memory(device)
 
 
 def summarize(result: dict) -> dict:
-    """Headline numbers: both variants at the same batch, the speedup, the best optimized run, the targets."""
-    plain, opt = result["variants"].get("plain", {}), result["variants"].get("optimized", {})
+    """Headline numbers: the equal-batch speedup, each variant's own best batch, the ablation, the data path,
+    the targets (the speedup target is judged at equal batch: batch size is not an optimisation of the step)."""
+    variants = result.get("variants", {})
+    plain, opt = variants.get("plain", {}), variants.get("optimized", {})
+    batch = result["config"]["batch"]
     ok = lambda v: [r for r in v.get("runs", []) if "error" not in r]  # noqa: E731
-    summary: dict = {"batch": result["config"]["batch"]}
-    if ok(plain):
-        summary["plain_samples_per_s"] = ok(plain)[0]["samples_per_s"]
-        summary["plain_mfu"] = ok(plain)[0].get("mfu")
-    if ok(opt):
-        summary["optimized_samples_per_s"] = ok(opt)[0]["samples_per_s"]
-        summary["optimized_mfu"] = ok(opt)[0].get("mfu")
-        best = max(ok(opt), key=lambda r: r["samples_per_s"])
-        summary["best"] = {k: best.get(k) for k in ("batch", "samples_per_s", "mfu", "peak_memory_gib")}
-    if ok(plain) and ok(opt):
-        summary["speedup"] = summary["optimized_samples_per_s"] / summary["plain_samples_per_s"]
-        summary["speedup_best_batch"] = summary["best"]["samples_per_s"] / summary["plain_samples_per_s"]
-    best_mfu, best_speedup = summary.get("best", {}).get("mfu"), summary.get("speedup_best_batch")
-    summary["targets"] = {"mfu": TARGET_MFU, "speedup": TARGET_SPEEDUP,
+    at = lambda v, b: next((r for r in ok(v) if r["batch"] == b), None)  # noqa: E731
+    summary: dict = {"batch": batch}
+    p, o = at(plain, batch), at(opt, batch)
+    if p:
+        summary["plain_samples_per_s"], summary["plain_mfu"] = p["samples_per_s"], p.get("mfu")
+    if o:
+        summary["optimized_samples_per_s"], summary["optimized_mfu"] = o["samples_per_s"], o.get("mfu")
+    if p and o:
+        summary["speedup_equal_batch"] = o["samples_per_s"] / p["samples_per_s"]
+    for name, v in (("plain", plain), ("optimized", opt)):
+        if ok(v):
+            best = max(ok(v), key=lambda r: r["samples_per_s"])
+            summary[f"{name}_best"] = {k: best.get(k) for k in ("batch", "samples_per_s", "mfu", "peak_memory_gib")}
+    if "plain_best" in summary and "optimized_best" in summary:
+        summary["speedup_best_vs_best"] = (summary["optimized_best"]["samples_per_s"]
+                                           / summary["plain_best"]["samples_per_s"])
+    common = sorted({r["batch"] for r in ok(plain)} & {r["batch"] for r in ok(opt)})
+    summary["speedup_by_batch"] = {str(b): at(opt, b)["samples_per_s"] / at(plain, b)["samples_per_s"] for b in common}
+    switches = result.get("ablation", {}).get("switches", {})
+    if switches:
+        summary["ablation_speedup_vs_plain"] = {n: r.get("speedup_vs_plain") for n, r in switches.items()}
+    dp = result.get("data_path") or {}
+    if "reader" in dp:
+        summary["data_path"] = {"reader_samples_per_s": dp["reader"]["samples_per_s"],
+                                "step_from_loader_samples_per_s": dp["step_from_loader"]["samples_per_s"],
+                                "bytes_per_sample": dp["bytes_per_sample"]["total"],
+                                "bytes_per_sample_read_by_step": dp["bytes_per_sample"]["read_by_step"]}
+        if o:
+            summary["data_path"]["reader_over_step"] = dp["reader"]["samples_per_s"] / o["samples_per_s"]
+    best_mfu, speedup = summary.get("optimized_best", {}).get("mfu"), summary.get("speedup_equal_batch")
+    summary["targets"] = {"mfu": TARGET_MFU, "speedup": TARGET_SPEEDUP, "speedup_measured_at": "equal batch",
                           "mfu_met": None if best_mfu is None else best_mfu >= TARGET_MFU,
-                          "speedup_met": None if best_speedup is None else best_speedup >= TARGET_SPEEDUP}
+                          "speedup_met": None if speedup is None else speedup >= TARGET_SPEEDUP}
     return summary
 
 
@@ -279,18 +307,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="tiny components (with --device cpu: the CI check)")
     parser.add_argument("--out", type=Path, default=Path("bench_results") / "gpu.json")
     parser.add_argument("--resolution", type=int, default=None, help="pixels (512; 64 with --tiny)")
-    parser.add_argument("--batch", type=int, default=None, help="batch of the plain/optimized comparison (8; 2 tiny)")
-    parser.add_argument("--max-batch", type=int, default=None, help="bound of the batch search (64; 4 tiny)")
-    parser.add_argument("--no-search", dest="search", action="store_false", help="skip the largest-batch search")
-    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per run (5; 1 tiny)")
-    parser.add_argument("--steps", type=int, default=None, help="measured steps per run, at most (20; 2 tiny)")
+    parser.add_argument("--batch", type=int, default=None, help="the equal batch of every variant (8; 2 tiny)")
+    parser.add_argument("--max-batch", type=int, default=None, help="bound of the batch searches (64; 4 tiny)")
+    parser.add_argument("--no-search", dest="search", action="store_false", help="skip the largest-batch searches")
+    parser.add_argument("--no-ablation", dest="ablation", action="store_false", help="skip the one-switch variants")
+    parser.add_argument("--no-data-path", dest="data_path", action="store_false", help="skip the data-path figure")
+    parser.add_argument("--data-workers", type=int, default=None, help="reader processes of the data path (4; 0 tiny)")
+    parser.add_argument("--data-batches", type=int, default=None, help="batches read/trained on in the data path "
+                                                                       "(20; 3 tiny)")
+    parser.add_argument("--warmup", type=int, default=None, help="warm-up steps per variant (5; 1 tiny)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="interleaved rounds at the equal batch, at most (20; 2 tiny)")
     parser.add_argument("--search-warmup", type=int, default=2)
     parser.add_argument("--search-steps", type=int, default=None, help="measured steps per searched batch (8; 2 tiny)")
     parser.add_argument("--time-budget", type=float, default=170.0,
-                        help="seconds for the whole benchmark after start-up (measured steps shrink to fit)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet in the optimized variant")
+                        help="seconds for the whole run from the start of the process (imports, building, FLOP "
+                             "counts, compilation, warm-up and measured steps included)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet in the optimized variant "
+                                                                "(and ablate it)")
     parser.add_argument("--peak-tflops", type=float, default=None,
-                        help="the device's dense bf16 peak (default: detected from the GPU's name)")
+                        help="the device's dense bf16 peak (default: from the GPU's name; none for unknown GPUs "
+                             "and MIG slices)")
     parser.add_argument("--precision", choices=("bf16-mixed", "32"), default=None,
                         help="bf16-mixed: frozen parts in bf16, autocast, float32 adapter (default on CUDA); "
                              "32: everything float32 (default on the CPU, where bf16 is slow)")
@@ -299,7 +336,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     tiny = args.tiny
     defaults = {"resolution": 64 if tiny else 512, "batch": 2 if tiny else 8, "max_batch": 4 if tiny else 64,
-                "warmup": 1 if tiny else 5, "steps": 2 if tiny else 20, "search_steps": 2 if tiny else 8}
+                "warmup": 1 if tiny else 5, "steps": 2 if tiny else 20, "search_steps": 2 if tiny else 8,
+                "data_workers": 0 if tiny else 4, "data_batches": 3 if tiny else 20}
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -311,16 +349,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    start, clock = process_start(_IMPORTED)
     args = parse_args(argv)
+    budget = Budget(args.time_budget, start, clock)
+    budget.spent["start-up (imports)"] = budget.elapsed()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("fact_lightning").setLevel(logging.WARNING)
+    logging.getLogger("data_tools").setLevel(logging.WARNING)
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()  # "modules that should be kept in float32: []" on every cast
     if args.threads:
         torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    deadline = start + args.time_budget
     device = torch.device(args.device)
     result: dict = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                     "environment": environment(), "variants": {}}
@@ -328,34 +368,35 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("--device cuda but torch sees no CUDA device")
         peak, source = detect_peak_tflops(device, args.peak_tflops)
-        result["peak_tflops"], result["peak_source"] = peak, source
-        log.info("device %s, peak %s TFLOP/s (%s), budget %.0f s", device, peak, source, args.time_budget)
-        result["variants"]["plain"] = run_variant(PLAIN, args, device, peak, deadline, search=False)
-        result["variants"]["optimized"] = run_variant(optimized(args.compile), args, device, peak, deadline,
-                                                      search=args.search)
+        result.update(device_name=device_name(device), peak_tflops=peak, peak_source=source)
+        if peak is None:
+            result["mfu_unavailable"] = source
+        log.info("device %s, peak %s TFLOP/s (%s), budget %.0f s from %s (%.1f s spent)", result["device_name"],
+                 peak, source, args.time_budget, clock, budget.elapsed())
+        with budget.enforced():
+            run_all(args, device, budget, peak, result)
+    except BudgetExceeded as stop:  # what was measured so far still goes into the JSON
+        budget.skip(budget.current or "the rest of the run", str(stop))
+        result["stopped_by_budget"] = str(stop)
+        log.warning("%s: writing what was measured", stop)
     except Exception as err:  # e.g. no CUDA: still one JSON, with the error
-        result["error"] = _error(err)
+        result["error"] = error_text(err)
         log.exception("benchmark failed")
     result["summary"] = summarize(result)
-    result["wall_s"] = time.perf_counter() - start
+    result["budget"] = budget.report()
+    result["wall_s"] = budget.elapsed()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result["summary"], indent=2))
     print(f"wrote {args.out}")
-    failed = "error" in result or any("error" in v for v in result["variants"].values())
-    return 1 if failed or len(result["variants"]) < 2 else 0
+    return 1 if _failed(result) else 0
 
 
-def _is_oom(error: str) -> bool:
-    return "OutOfMemoryError" in error or "out of memory" in error or "can't allocate memory" in error
-
-
-def _error(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}"
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
+def _failed(result: dict) -> bool:
+    parts = [*result.get("variants", {}).values(), result.get("data_path") or {}, result.get("step_host_copies") or {},
+             *result.get("ablation", {}).get("switches", {}).values()]
+    errors = "error" in result or any("error" in p for p in parts)
+    return errors or "speedup_equal_batch" not in result["summary"]
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu
+from benchmarks import batch_search, gpu, peaks
 from benchmarks.timing import interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,17 +35,56 @@ def test_gpu_benchmark_runs_on_cpu_tiny(tmp_path):
     for variant in (plain, opt):
         assert "error" not in variant
         assert variant["gflop_per_sample"] > 0
-        run = variant["runs"][0]
-        assert run["batch"] == 2 and run["samples_per_s"] > 0 and run["steps"] >= 1
+        run = variant["runs"][0]  # the equal batch, interleaved with every other variant
+        assert run["batch"] == 2 and run["interleaved"] and run["samples_per_s"] > 0 and run["steps"] == 1
         assert run["mfu"] is None  # no peak known for a CPU without --peak-tflops
+        # each variant searched its own batch (tiny: up to 4) and reports its best
+        assert variant["search"]["tried"] in ([], [4]) and variant["largest_batch"] >= 2
+        assert variant["best"]["samples_per_s"] == max(r["samples_per_s"] for r in variant["runs"] if "error" not in r)
     # The cached-latents step skips the VAE encoder: fewer FLOPs per sample.
     assert opt["gflop_per_sample"] < plain["gflop_per_sample"]
-    assert opt["largest_batch"] >= 2 and opt["search"]["tried"] in ([], [4])
+
     summary = result["summary"]
+    assert "speedup" not in summary and "speedup_best_batch" not in summary  # no more unequal comparisons
     assert summary["plain_samples_per_s"] == plain["runs"][0]["samples_per_s"]
     assert summary["optimized_samples_per_s"] == opt["runs"][0]["samples_per_s"]
-    assert math.isclose(summary["speedup"], summary["optimized_samples_per_s"] / summary["plain_samples_per_s"])
-    assert summary["targets"]["speedup_met"] in (True, False)
+    assert math.isclose(summary["speedup_equal_batch"],
+                        summary["optimized_samples_per_s"] / summary["plain_samples_per_s"])
+    assert summary["plain_best"] == plain["best"] and summary["optimized_best"] == opt["best"]
+    assert math.isclose(summary["speedup_best_vs_best"], opt["best"]["samples_per_s"] / plain["best"]["samples_per_s"])
+    assert math.isclose(summary["speedup_by_batch"]["2"], summary["speedup_equal_batch"])
+    assert summary["targets"]["speedup_met"] in (True, False) and summary["targets"]["mfu_met"] is None
+
+    # The ablation: every switch alone against plain, from the same interleaved loop.
+    ablation = result["ablation"]
+    assert ablation["batch"] == 2 and ablation["interleaved"]
+    switches = ablation["switches"]
+    assert set(switches) == {"optimized", "cached_latents", "fused_adam", "channels_last", "cudnn_benchmark"}
+    for name, row in switches.items():
+        assert row["speedup_vs_plain"] > 0 and row["repeats"] == 1
+        assert math.isclose(row["speedup_vs_plain"], row["samples_per_s"] / summary["plain_samples_per_s"])
+        assert row["settings_on"] == ([name] if name != "optimized" else
+                                      ["cached_latents", "fused_adam", "channels_last", "cudnn_benchmark"])
+    assert summary["ablation_speedup_vs_plain"]["fused_adam"] == switches["fused_adam"]["speedup_vs_plain"]
+
+    # The data path: the real data module over shards with cached latents.
+    data = result["data_path"]
+    assert data["reader"]["samples_per_s"] > 0 and data["step_from_loader"]["samples_per_s"] > 0
+    sizes = data["bytes_per_sample"]
+    assert sizes["total"] > sizes["read_by_step"] > 0
+    assert {"latent_mean", "latent_std", "tokens", "mask"} <= set(sizes["keys_read_by_step"])
+    assert "pixels" in sizes["keys_not_read"]  # cached latents: the crops travel but the step never reads them
+    assert summary["data_path"]["reader_samples_per_s"] == data["reader"]["samples_per_s"]
+    assert summary["data_path"]["bytes_per_sample"] == sizes["total"]
+
+    # The budget counts from the start of the process and nothing was skipped.
+    budget = result["budget"]
+    assert budget["clock_starts_at"].startswith("process start") and budget["skipped"] == []
+    assert budget["spent_s"]["start-up (imports)"] > 0 and budget["elapsed_s"] <= budget["seconds"]
+    assert result["wall_s"] >= sum(budget["spent_s"].values()) - 0.5
+    assert result["peak_tflops"] is None and result["mfu_unavailable"] and result["device_name"].startswith("cpu")
+    copies = result["step_host_copies"]
+    assert copies["host_reads"] == 0 and copies["blocking_host_to_device"] >= 0
     assert result["environment"]["torch"] and result["environment"]["torch_threads"] == 1
 
 
@@ -63,6 +102,10 @@ def test_full_size_benchmark_runs_tiny(tmp_path):
     assert math.isclose(ratios["vae_over_cached"],
                         variants["step_vae"]["median_s"] / variants["step_cached"]["median_s"], rel_tol=1e-2)
     assert ratios["adapter_over_frozen_flops"] > 1 and ratios["vae_over_cached_flops"] > 1
+    # the whole step around the adapted UNet: losses, text encoder, Adam on top of its forward + backward
+    assert math.isclose(ratios["step_over_adapter_unet"],
+                        variants["step_cached"]["median_s"] / variants["adapter_unet"]["median_s"], rel_tol=1e-2)
+    assert ratios["step_over_adapter_unet_flops"] > 1 and ratios["step_over_adapter_unet_min"] > 0
     assert result["environment"]["cpu"] and result["environment"]["torch_threads"] == 1
     assert result["config"]["interleaved"] and result["config"]["resolution"] == 64
 
@@ -75,27 +118,123 @@ def test_interleaved_alternates_the_order():
     assert all(len(t) == 2 and min(t) >= 0 for t in times.values())
 
 
-def test_peak_tflops_and_summary():
+@pytest.mark.parametrize(("name", "peak"), [
+    ("NVIDIA H200 NVL", 835.5), ("NVIDIA H200", 989.5), ("NVIDIA H100 80GB HBM3", 989.5),
+    ("NVIDIA H100 PCIe", 756.5), ("NVIDIA H100 NVL", 835.5), ("NVIDIA GH200 480GB", 989.5),
+    ("NVIDIA L40S", 362.05), ("NVIDIA L40", 181.05), ("NVIDIA L4", 121.0), ("NVIDIA H800", 989.5),
+    ("NVIDIA H800 PCIe", 756.5), ("NVIDIA H20", 148.0), ("NVIDIA B200", 2250.0), ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA A100 80GB PCIe", 312.0),
+])
+def test_peak_table_matches_whole_names_most_specific_first(name, peak):
+    found, source = peaks.peak_for_name(name)
+    assert found == peak and name in source
+
+
+@pytest.mark.parametrize("name", ["NVIDIA A100-SXM4-80GB MIG 1g.10gb", "NVIDIA H100 80GB HBM3 MIG 3g.40gb",
+                                  "NVIDIA GeForce RTX 4090", "NVIDIA H1000", "Tesla V100-SXM2-16GB"])
+def test_peak_table_refuses_to_guess(name):
+    found, reason = peaks.peak_for_name(name)
+    assert found is None and "--peak-tflops" in reason
+    assert ("MIG" in reason) == ("MIG" in name)
+
+
+def test_peak_override_and_cpu():
     import torch
 
     assert gpu.detect_peak_tflops(torch.device("cpu"), 123.0) == (123.0, "--peak-tflops")
     assert gpu.detect_peak_tflops(torch.device("cpu"), None)[0] is None
+
+
+@pytest.mark.parametrize(("message", "oom"), [
+    ("OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", True),
+    ("RuntimeError: CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported", True),
+    ("RuntimeError: CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
+    ("RuntimeError: cuDNN error: CUDNN_STATUS_ALLOC_FAILED", True),
+    ("RuntimeError: cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE", True),
+    ("RuntimeError: [enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory", True),
+    ("RuntimeError: CUDA error: an illegal memory access was encountered", False),
+    ("RuntimeError: cuDNN error: CUDNN_STATUS_BAD_PARAM", False),
+    ("RuntimeError: mat1 and mat2 shapes cannot be multiplied (8x320 and 768x320)", False),
+])
+def test_allocation_failures_count_as_out_of_memory(message, oom):
+    assert batch_search.is_oom(message) is oom
+
+
+def test_summary_compares_at_equal_batch_and_each_best():
     runs = lambda *r: [{"batch": b, "samples_per_s": s, "mfu": m} for b, s, m in r]  # noqa: E731
     result = {"config": {"batch": 8}, "variants": {
-        "plain": {"runs": runs((8, 50.0, 0.2))},
-        "optimized": {"runs": [*runs((8, 120.0, 0.45), (32, 190.0, 0.55)), {"batch": 64, "error": "OOM"}]},
-    }}
+        "plain": {"runs": [*runs((8, 50.0, 0.2), (16, 60.0, 0.25)), {"batch": 32, "error": "OOM"}]},
+        "optimized": {"runs": [*runs((8, 120.0, 0.45), (16, 150.0, 0.5), (32, 190.0, 0.55)),
+                               {"batch": 64, "error": "OOM"}]},
+    }, "ablation": {"switches": {"fused_adam": {"speedup_vs_plain": 0.9}, "compile": {"skipped": "time budget"}}},
+        "data_path": {"reader": {"samples_per_s": 480.0}, "step_from_loader": {"samples_per_s": 110.0},
+                      "bytes_per_sample": {"total": 5e6, "read_by_step": 1.8e6}}}
     summary = gpu.summarize(result)
-    assert summary["speedup"] == pytest.approx(2.4) and summary["speedup_best_batch"] == pytest.approx(3.8)
-    assert summary["best"]["batch"] == 32
-    assert summary["targets"] == {"mfu": 0.5, "speedup": 2.0, "mfu_met": True, "speedup_met": True}
+    assert summary["speedup_equal_batch"] == pytest.approx(2.4)  # both at batch 8
+    assert summary["plain_best"]["batch"] == 16 and summary["optimized_best"]["batch"] == 32
+    assert summary["speedup_best_vs_best"] == pytest.approx(190.0 / 60.0)
+    assert summary["speedup_by_batch"] == {"8": pytest.approx(2.4), "16": pytest.approx(2.5)}
+    assert summary["ablation_speedup_vs_plain"] == {"fused_adam": 0.9, "compile": None}
+    assert summary["data_path"]["reader_over_step"] == pytest.approx(4.0)
+    assert summary["targets"] == {"mfu": 0.5, "speedup": 2.0, "speedup_measured_at": "equal batch",
+                                  "mfu_met": True, "speedup_met": True}
     failed = gpu.summarize({"config": {"batch": 8}, "variants": {"plain": {"runs": [], "error": "boom"},
                                                                 "optimized": {"runs": runs((8, 120.0, None))}}})
-    assert "speedup" not in failed and failed["targets"]["speedup_met"] is None
+    assert "speedup_equal_batch" not in failed and failed["targets"]["speedup_met"] is None
 
 
-def test_batch_search_stops_at_out_of_memory(monkeypatch):
-    """The search doubles, bisects after an out-of-memory, and records the failure (no CUDA needed)."""
+def test_ablation_table_is_plain_over_each_variant():
+    settings = lambda *on: {"settings": {s: s in on for s in gpu.SWITCHES}}  # noqa: E731
+    entries = {"plain": settings(), "optimized": settings("cached_latents", "fused_adam"),
+               "fused_adam": settings("fused_adam"), "channels_last": {**settings("channels_last"), "error": "boom"},
+               "cudnn_benchmark": {**settings("cudnn_benchmark"), "skipped": "time budget"}}
+    times = {"plain": [1.0, 1.2, 1.1], "optimized": [0.5, 0.55, 0.6], "fused_adam": [1.3, 1.2, 1.25]}
+    table = gpu.ablation_table(times, entries, batch=8)
+    rows = table["switches"]
+    assert rows["optimized"]["speedup_vs_plain"] == pytest.approx(1.1 / 0.55)
+    assert rows["fused_adam"]["speedup_vs_plain"] == pytest.approx(1.1 / 1.25)
+    assert rows["fused_adam"]["speedup_vs_plain_fastest"] == pytest.approx(1.0 / 1.2)
+    assert rows["fused_adam"]["samples_per_s"] == pytest.approx(8 / 1.25)
+    assert rows["channels_last"]["error"] == "boom" and rows["cudnn_benchmark"]["skipped"] == "time budget"
+    assert table["slower_than_plain"] == ["fused_adam"]
+    assert [v.name for v in gpu.single_switches(False)] == ["cached_latents", "fused_adam", "channels_last",
+                                                            "cudnn_benchmark"]
+    assert gpu.single_switches(True)[-1] == gpu.Variant("compile", compile=True)
+
+
+def test_the_budget_counts_from_process_start_and_records_skips():
+    import time
+
+    import torch
+
+    from benchmarks.budget import Budget, process_start
+
+    now = time.monotonic()
+    start, clock = process_start(now)
+    assert start <= now
+    if clock.startswith("process start"):  # pytest started well before this test ran
+        assert now - start > 0.5
+    budget = Budget(seconds=1.0, start=time.monotonic() - 5.0)
+    assert not budget.allows("plain: build", 0.0) and budget.left() < 0
+    assert budget.skipped[0]["phase"] == "plain: build" and budget.skipped[0]["reason"].startswith("time budget")
+    # With the budget spent (here: before anything ran), run_all builds nothing and says what it skipped.
+    args = gpu.parse_args(["--device", "cpu", "--tiny"])
+    result: dict = {"config": vars(args)}
+    gpu.run_all(args, torch.device("cpu"), budget, None, result)
+    phases = [s["phase"] for s in budget.skipped]
+    assert "optimized: build" in phases and "cached_latents: build" in phases
+    assert result["variants"]["plain"]["skipped"] == "time budget" and result["variants"]["plain"]["runs"] == []
+    summary = gpu.summarize(result)
+    assert "speedup_equal_batch" not in summary and gpu._failed({**result, "summary": summary})
+
+
+@pytest.mark.parametrize("oom", [
+    "cuda", "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    "cuDNN error: CUDNN_STATUS_NOT_ENOUGH_WORKSPACE",
+])
+def test_batch_search_stops_at_out_of_memory(monkeypatch, oom):
+    """The search doubles, bisects after an out-of-memory (cuBLAS/cuDNN allocation failures too), and records
+    the failure (no CUDA needed)."""
     import argparse
     from types import SimpleNamespace
 
@@ -103,18 +242,20 @@ def test_batch_search_stops_at_out_of_memory(monkeypatch):
 
     def fake_measure(trainer, size, resolution, warmup, steps, deadline):
         if size > 40:
-            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            if oom == "cuda":
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise RuntimeError(oom)
         if size == 24:
             raise RuntimeError("some other failure")
         return {"batch": size, "steps": steps, "step_s": size / 100, "samples_per_s": 100.0, "peak_memory_gib": None}
 
-    monkeypatch.setattr(gpu, "measure", fake_measure)
+    monkeypatch.setattr(batch_search, "measure", fake_measure)
     zeroed = []
     trainer = SimpleNamespace(variant=gpu.optimized(False), compile_s=0.0, device=torch.device("cpu"),
                               optimizer=SimpleNamespace(zero_grad=lambda set_to_none: zeroed.append(True)))
     args = argparse.Namespace(batch=8, max_batch=64, search_warmup=1, search_steps=1, resolution=64)
     runs = [{"batch": 8, "step_s": 0.08, "samples_per_s": 100.0}]
-    search = gpu.search_batch(trainer, args, 989.0, 2666.0, deadline=float("inf"), runs=runs)
+    search = batch_search.search_batch(trainer, args, 989.0, 2666.0, deadline=float("inf"), runs=runs)
     assert search == {"tried": [16, 32, 64, 48, 40], "largest_fitting": 40, "smallest_failing": 48,
                       "stopped_by": "out of memory"}
     assert [r["batch"] for r in runs] == [8, 16, 32, 64, 48, 40] and "error" in runs[-2] and zeroed
@@ -122,6 +263,39 @@ def test_batch_search_stops_at_out_of_memory(monkeypatch):
     # Another error stops the search; with no time left, nothing is tried.
     runs = [{"batch": 12, "step_s": 0.12, "samples_per_s": 100.0}]
     args.batch = 12
-    assert gpu.search_batch(trainer, args, None, 1.0, deadline=float("inf"), runs=runs)["stopped_by"] == "error"
+    search = batch_search.search_batch
+    assert search(trainer, args, None, 1.0, deadline=float("inf"), runs=runs)["stopped_by"] == "error"
     assert runs[-1] == {"batch": 24, "error": "RuntimeError: some other failure"}
-    assert gpu.search_batch(trainer, args, None, 1.0, deadline=0.0, runs=runs[:1])["stopped_by"].startswith("time")
+    assert search(trainer, args, None, 1.0, deadline=0.0, runs=runs[:1])["stopped_by"].startswith("time")
+
+
+def test_data_path_counts_the_bytes_a_sample_ships_and_the_step_reads():
+    import torch
+
+    from benchmarks.data_path import ReadKeys, bytes_per_sample
+
+    batch = {"key": ["a", "b"], "caption": ["x", "y"], "pixels": torch.zeros(2, 3, 4, 4),
+             "tokens": torch.zeros(2, 5, dtype=torch.float16), "shuffle_available": torch.ones(2, dtype=torch.bool)}
+    recorded = ReadKeys(batch)
+    _ = recorded["tokens"], recorded["key"], recorded.get("shuffle_available"), recorded.get("latent_mean")
+    assert "pixels" in recorded and recorded.read == {"tokens", "key", "shuffle_available"}
+    sizes = bytes_per_sample(batch, recorded.read)
+    assert sizes["total"] == 3 * 4 * 4 * 4 + 5 * 2 + 1 and sizes["read_by_step"] == 5 * 2 + 1
+    assert sizes["by_key"] == {"pixels": 192, "tokens": 10, "shuffle_available": 1}
+    assert sizes["keys_not_read"] == ["pixels"]
+
+
+def test_the_budget_stops_a_phase_that_runs_past_it():
+    """A phase that cannot be estimated (the first compilation) is interrupted when the budget runs out."""
+    import time
+
+    from benchmarks.budget import Budget, BudgetExceeded
+
+    budget = Budget(seconds=0.3, start=time.monotonic())
+    with pytest.raises(BudgetExceeded, match="plain: warm-up"):
+        with budget.enforced(), budget.phase("warm-up", "plain: warm-up"):
+            try:
+                time.sleep(5)
+            except Exception:  # a part's own error handling does not swallow it
+                pytest.fail("BudgetExceeded was caught as an Exception")
+    assert budget.current is None and 0.2 < budget.spent["warm-up"] < 2.0
