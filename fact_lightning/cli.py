@@ -3,11 +3,21 @@
 One run, one folder: ``trainer.default_root_dir`` holds the TensorBoard events, ``config.yaml``,
 ``checkpoints/``, ``adapters/`` and ``previews/`` of a run, so that one option moves everything and a resumed
 run (``--ckpt_path last``) continues the same curves. Mistakes a user can make end in one line and exit 2.
+
+The folder has one owner: a command holds its lock (``.fact-train.lock``, rank 0 only) until it ends, so a
+second fit into it stops with one line. ``--ckpt_path last`` is the newest intact step in the folder
+(``checkpoints.resolve_last``); a file given as ``--ckpt_path`` is read once before anything is written and
+refused in one line if it is no training checkpoint, or if this run changes an option that its state cannot
+follow (``training/resume.py``), so ``config.yaml`` is rewritten only by a run that does what it says. Every fit
+saves its last step and stops on SIGTERM/SIGINT/SIGUSR1/SIGHUP at a step boundary with a checkpoint
+(``callbacks/run_end.py``, exit status 128 + the signal's number).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -16,13 +26,21 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
+from .callbacks.run_end import RunEnd
 from .commands.cli_errors import guarded
 from .data.datamodule import FactDataModule
+from .errors import UserError
+from .files import FolderBusy, locked_folder
+from .training import resume
 from .training.base_spec import spec_vae_name
-from .training.checkpoints import AtomicCheckpointIO, resolve_last
+from .training.checkpoints import HPC_PATTERN, AtomicCheckpointIO, read_checkpoint, resolve_last
 from .training.module import FactModule
 
+log = logging.getLogger(__name__)
+
 DEFAULT_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
+RUN_LOCK = ".fact-train.lock"
+_CHECKPOINT_WORDS = ("best", "last", "hpc")  # what Lightning reads as a ckpt_path other than a file
 
 
 class FactCLI(LightningCLI):
@@ -53,21 +71,79 @@ class FactCLI(LightningCLI):
             plugins.append(AtomicCheckpointIO())
         return super().instantiate_trainer(plugins=plugins, **kwargs)
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would replace this run's model options with the checkpoint's hyper-parameters when
+        # --ckpt_path is a file (not for "last"): a changed option silently dropped, and a full torch.load
+        # whose error advises weights_only=False. resume.check (in before_fit) applies or refuses each change.
+        pass
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        # The lock wraps before_<subcommand> too: resolving "last" and the checks see the folder as it stays.
+        if not self._is_launching_rank_zero():  # other ranks share the folders rank 0 holds
+            return super()._run_subcommand(subcommand)
+        with contextlib.ExitStack() as held:
+            for folder in self.owned_folders():
+                try:
+                    held.enter_context(locked_folder(folder, RUN_LOCK))
+                except FolderBusy as busy:
+                    raise UserError(f"another fact-train (pid {busy.holder}) is writing to {folder}: wait for it to "
+                                    "end, or give this run its own trainer.default_root_dir") from None
+            super()._run_subcommand(subcommand)
+
+    def owned_folders(self) -> list[Path]:
+        """The run folder, and every folder a callback writes to outside it (a ``dirpath`` set elsewhere:
+        checkpoints, adapters, previews): two runs must not share any of them."""
+        run = self.run_folder()
+        folders = [run]
+        for callback in self.trainer.callbacks:
+            dirpath = getattr(callback, "dirpath", None)
+            if isinstance(dirpath, (str, os.PathLike)) and dirpath:
+                if not Path(dirpath).resolve().is_relative_to(run.resolve()):
+                    folders.append(Path(dirpath))
+        return folders
+
+    def _is_launching_rank_zero(self) -> bool:
+        """Rank 0 of the whole job, told before the processes start (from the cluster environment's variables:
+        LOCAL_RANK, NODE_RANK, RANK, SLURM_PROCID...)."""
+        environment = getattr(self.trainer.strategy, "cluster_environment", None)
+        if environment is None:
+            return True
+        return environment.global_rank() == 0 and environment.local_rank() == 0 and environment.node_rank() == 0
+
+    def run_folder(self) -> Path:
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
     def before_fit(self) -> None:
         self.datamodule.check()
         config = self.config_init[self.subcommand]
+        verify = True
         if config.get("ckpt_path") == "last":
-            config["ckpt_path"] = str(resolve_last(self.checkpoint_folder()))
+            hpc = sorted(Path(self.trainer.default_root_dir).glob(HPC_PATTERN))  # SLURM requeue saves
+            config["ckpt_path"], verify = str(resolve_last(self.checkpoint_folder(), extra=hpc)), False  # checked
+        checkpoint = self._read_ckpt_path(config.get("ckpt_path"), verify)
+        if checkpoint is not None:
+            # Before config.yaml is rewritten: a change the checkpoint's state cannot follow is refused here.
+            applied = resume.check(checkpoint, self.model, self.datamodule)
+            if applied:
+                log.warning("resuming at step %s with changed options, applied from here on (config.yaml records "
+                            "them): %s", checkpoint.get("global_step"), resume.describe(applied))
 
     def before_validate(self) -> None:
         self.datamodule.check()
+        self._read_ckpt_path(self.config_init[self.subcommand].get("ckpt_path"), verify=True)
+
+    def _read_ckpt_path(self, ckpt_path, verify: bool) -> dict | None:
+        """The checkpoint a file ``--ckpt_path`` names (tensors memory-mapped), or one error line naming it."""
+        if not ckpt_path or str(ckpt_path) in _CHECKPOINT_WORDS or str(ckpt_path).startswith("registry"):
+            return None
+        return read_checkpoint(ckpt_path, mmap=True, verify=verify)
 
     def checkpoint_folder(self) -> Path:
         """Where the run's ModelCheckpoint writes: its ``dirpath``, else ``<run folder>/checkpoints``."""
         callback = self.trainer.checkpoint_callback
         if callback is not None and callback.dirpath:
             return Path(callback.dirpath)
-        return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "checkpoints"
+        return self.run_folder() / "checkpoints"
 
 
 def build_cli(args: list[str] | None = None) -> FactCLI:
@@ -76,6 +152,7 @@ def build_cli(args: list[str] | None = None) -> FactCLI:
         FactModule,
         FactDataModule,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [RunEnd()]},  # every fit saves its last step and stops cleanly on signals
         parser_kwargs={"description": "Train FACT face adapters on Stable Diffusion 1.5."},
         args=args,
     )

@@ -1,5 +1,10 @@
 """Each checkpoint also writes the adapter alone: our safetensors with metadata, and the official file at the end.
 
+Every export folder (``step-000200/``, ``final/``) is assembled in a hidden staging folder and renamed into
+place whole, so a folder that is there is complete: a kill or a full disk during an export leaves the old
+folder or none. A fit that ends with nothing left to train (a resume at ``max_steps``) still writes the final
+export if no complete one of that step is there (the previous run was killed while writing it).
+
 Sizes at SD1.5 scale (255.5M trainable parameters): an adapter file is 511 MB in float16 (1.02 GB in float32);
 a full training checkpoint (float32 weights + Adam's two moments) is about 3.07 GB, so keep only the last few
 (``ModelCheckpoint(save_top_k=K, monitor="step", mode="max")``).
@@ -17,8 +22,9 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 
-from ..models.adapter_io import nonfinite_tensors, save_adapter
 from ..errors import UserError
+from ..files import assembled_folder, remove_staging, replace_path, staging_name, write_failure
+from ..models.adapter_io import nonfinite_tensors, read_adapter_metadata, save_adapter
 from ..models.injection import FaceAdapter
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,7 @@ class AdapterExport(pl.Callback):
         self.final = final
         self.written: list[Path] = []
         self._folder = Path(dirpath) if dirpath else None
+        self._exported: str | None = None  # this process's latest export (a step's top-k and last save: one)
 
     def _root(self, trainer: pl.Trainer) -> Path:
         if self.dirpath:
@@ -63,17 +70,42 @@ class AdapterExport(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # trainer.log_dir is a broadcast: every rank must ask for it, so it is asked once here, not on rank 0 later.
         self._folder = self._root(trainer)
+        if trainer.is_global_zero and self._folder.is_dir():
+            remove_staging(self._folder)  # what an export killed half-way left
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        self.export(trainer, pl_module, f"step-{trainer.global_step:06d}", official=self.official == "always")
+        name = f"step-{trainer.global_step:06d}"
+        if self._exported == name:
+            return
+        self.export(trainer, pl_module, name, official=self.official == "always")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.final:
+        if self.final:
+            self._export_final(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # A resume at max_steps trains nothing and never reaches on_train_end: the final export is owed when the
+        # previous run died writing it. Rank 0 decides (other nodes may not see its disk), all ranks act.
+        if not self.final or trainer.global_step == 0:
             return
+        missing = trainer.is_global_zero and not self.final_is_complete(trainer.global_step)
+        if trainer.strategy.broadcast(missing, src=0):
+            self._export_final(trainer, pl_module)
+
+    def final_is_complete(self, step: int) -> bool:
+        """Whether ``final/`` holds a complete export of ``step`` (the folder is only ever placed whole)."""
+        folder = self._folder / FINAL
+        try:
+            written = read_adapter_metadata(folder / NATIVE_NAME).get("step")
+        except Exception:  # absent, or an older writer's partial file
+            return False
+        return written == str(step) and (self.official != "final" or (folder / OFFICIAL_NAME).is_file())
+
+    def _export_final(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step_folder = self._folder / f"step-{trainer.global_step:06d}"
         if self.official != "final" and (step_folder / NATIVE_NAME).is_file():
             if trainer.is_global_zero:
-                _link_or_copy(step_folder, self._folder / FINAL)
+                _link(step_folder, self._folder / FINAL)
             return
         self.export(trainer, pl_module, FINAL, official=self.official != "never")
 
@@ -86,7 +118,7 @@ class AdapterExport(pl.Callback):
             raise NonFiniteAdapterError(f"the adapter has non-finite weights ({len(bad)} tensors, e.g. {bad[0]}) at "
                                         f"step {trainer.global_step}; nothing was exported")
         folder = (self._folder or self._root(trainer)) / name
-        adapter, swapped = pl_module.adapter, False
+        adapter = pl_module.adapter
         if pl_module.device_mesh is not None:  # sharded: write from an unsharded copy
             adapter = FaceAdapter(pl_module.adapter.sites, pl_module.adapter.projection.config)
             adapter.load_state_dict(state, strict=True)
@@ -99,32 +131,45 @@ class AdapterExport(pl.Callback):
             "training_config": json.dumps(dict(pl_module.hparams), default=str),
             "data_encoder": json.dumps(manifest.get("encoder")),
         }
-        path = save_adapter(adapter, folder / NATIVE_NAME, metadata, dtype=_DTYPES.get(self.dtype))
-        self.written.append(path)
+        try:
+            with assembled_folder(folder) as staged:
+                save_adapter(adapter, staged / NATIVE_NAME, metadata, dtype=_DTYPES.get(self.dtype))
+                if official:
+                    self._write_official(pl_module, adapter, staged / OFFICIAL_NAME)
+        except Exception as exc:
+            failure = write_failure(exc)
+            if failure is None:
+                raise
+            raise UserError(f"cannot write the adapter export {folder}: {failure.strerror or failure}; nothing was "
+                            "written there") from None
+        self._exported = name
+        self.written.append(folder / NATIVE_NAME)
         if official:
-            from ..interop.official import export_fact_checkpoint
-
-            if adapter is not pl_module.adapter:  # attach the copy in the original's place for the moved norms
-                pl_module.adapter.detach()
-                adapter.attach(pl_module.unet)
-                swapped = True
-            try:
-                self.written.append(export_fact_checkpoint(adapter, folder / OFFICIAL_NAME))
-            finally:
-                if swapped:
-                    adapter.detach()
-                    pl_module.adapter.attach(pl_module.unet)
+            self.written.append(folder / OFFICIAL_NAME)
         log.info("exported the adapter to %s", folder)
-        return path
+        return folder / NATIVE_NAME
+
+    @staticmethod
+    def _write_official(pl_module: pl.LightningModule, adapter: FaceAdapter, path: Path) -> None:
+        from ..interop.official import export_fact_checkpoint
+
+        swapped = adapter is not pl_module.adapter
+        if swapped:  # attach the copy in the original's place for the moved norms
+            pl_module.adapter.detach()
+            adapter.attach(pl_module.unet)
+        try:
+            export_fact_checkpoint(adapter, path)
+        finally:
+            if swapped:
+                adapter.detach()
+                pl_module.adapter.attach(pl_module.unet)
 
 
-def _link_or_copy(target: Path, link: Path) -> None:
-    """``link`` -> ``target`` as a relative symlink (a copy where the filesystem has none)."""
-    if link.is_symlink() or link.is_file():
-        link.unlink()
-    elif link.is_dir():
-        shutil.rmtree(link)
+def _link(target: Path, link: Path) -> None:
+    """``link`` -> ``target`` as a relative symlink (a copy where the filesystem has none), put in place whole."""
+    staged = staging_name(link)
     try:
-        os.symlink(os.path.relpath(target, link.parent), link, target_is_directory=True)
+        os.symlink(os.path.relpath(target, link.parent), staged, target_is_directory=True)
     except OSError:
-        shutil.copytree(target, link)
+        shutil.copytree(target, staged)
+    replace_path(staged, link)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..files import sha256_file
+from ..files import atomic_open, sha256_file
 from ..models.face_encoder import TransFaceConfig, TransFaceEncoder, build_transface, transface_config
 from ..models.injection import FaceAdapter
 from ..models.resampler import PerceiverResampler
@@ -241,7 +241,6 @@ def export_fact_checkpoint(adapter: FaceAdapter, path: str | Path) -> Path:
         log.warning("the official format does not store the projection's head split: load %s with dim_head=%d",
                     path, adapter.projection.config.dim_head)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(native_to_official(adapter), tmp)
-    tmp.replace(path)
+    with atomic_open(path) as f:  # through a file object: a failed write surfaces as its OSError (a full disk)
+        torch.save(native_to_official(adapter), f)
     return path

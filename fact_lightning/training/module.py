@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from torch.distributed import ReduceOp
 
-from . import losses
+from . import losses, resume
 from .conditioning import (ConditionProbabilities, FaceChoice, ShuffleSchedule, decide, draw_normal, draw_timesteps,
                             sample_generators)
 from ..errors import UserError
@@ -111,6 +111,8 @@ class FactModule(pl.LightningModule):
         self._nonfinite = NonFiniteTracker()
         self._throughput: tuple[float, int] | None = None  # (time, batches) at the last logging step
         self._saved_shuffle: dict | None = None  # the curriculum a resumed checkpoint ran with
+        # The optimizer settings as configured, before a restore puts the checkpoint's back (resume.py).
+        self._configured_optimizer: tuple[list[dict], list[float] | None] | None = None
 
     # -- building --------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -151,8 +153,11 @@ class FactModule(pl.LightningModule):
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.adapter.parameters())
         if self.scheduler_factory is None:
+            self._configured_optimizer = (resume.settings(optimizer), None)
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+        scheduler = self.scheduler_factory(optimizer)
+        self._configured_optimizer = (resume.settings(optimizer), list(getattr(scheduler, "base_lrs", [])) or None)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def probabilities(self, step: int) -> ConditionProbabilities:
         """The condition probabilities at optimizer step ``step`` (p_shuffle from the curriculum).
@@ -177,6 +182,7 @@ class FactModule(pl.LightningModule):
             self._ramp_source = "trainer.max_steps"
 
     def on_train_start(self) -> None:
+        self._apply_configured_optimizer()
         if self.shuffle.ramp_steps is None:  # an epoch-bounded run: its length is known once data is set up
             total = self.trainer.estimated_stepping_batches
             if not math.isfinite(total):
@@ -194,6 +200,19 @@ class FactModule(pl.LightningModule):
         if saved is not None and saved != asdict(self.shuffle):
             log.warning("the shuffle curriculum changed since the checkpoint (%s -> %s); continuing with the new one",
                         saved, asdict(self.shuffle))
+
+    def _apply_configured_optimizer(self) -> None:
+        """A restored optimizer runs with this run's configured settings (lr, betas, weight decay), not the
+        checkpoint's: what config.yaml says is what the run does (resume.py)."""
+        if self._configured_optimizer is None or not self.trainer.optimizers:
+            return
+        schedulers = self.trainer.lr_scheduler_configs
+        changes = resume.apply_optimizer_settings(self.trainer.optimizers[0],
+                                                  schedulers[0].scheduler if schedulers else None,
+                                                  *self._configured_optimizer)
+        if changes:
+            rank_zero_info("resumed with changed optimizer settings, applied: "
+                           + resume.describe([(f"model.optimizer.{k}", old, new) for k, old, new in changes]))
 
     # -- the step --------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -362,16 +381,22 @@ class FactModule(pl.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
         checkpoint["fact"] = {"version": CHECKPOINT_VERSION, "base": self.base_spec.describe(),
                               "nonfinite_steps": self.nonfinite_steps, "shuffle": asdict(self.shuffle)}
+        if self._trainer is not None and self.trainer.optimizers:  # a resume refuses another optimizer class
+            schedulers = self.trainer.lr_scheduler_configs
+            checkpoint["fact"]["optimizer"] = resume.class_path(self.trainer.optimizers[0])
+            checkpoint["fact"]["lr_scheduler"] = resume.class_path(schedulers[0].scheduler) if schedulers else None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         meta = checkpoint.get("fact") or {}
         if meta.get("version", 0) > CHECKPOINT_VERSION:
-            raise RuntimeError(f"checkpoint version {meta.get('version')} is newer than this fact-lightning ({CHECKPOINT_VERSION})")
+            raise CheckpointMismatch(f"checkpoint version {meta.get('version')} is newer than this fact-lightning "
+                                     f"({CHECKPOINT_VERSION}): update fact-lightning to resume it")
+        resume.refuse_model_changes(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
         got, want = set(checkpoint.get("state_dict", {})), self.adapter_keys()
         if got != want:
-            raise RuntimeError(
-                f"checkpoint does not match the adapter: missing {sorted(want - got)[:5]}, unexpected {sorted(got - want)[:5]}"
-            )
+            raise CheckpointMismatch(
+                f"the checkpoint does not match the adapter: missing {sorted(want - got)[:5]}, unexpected "
+                f"{sorted(got - want)[:5]} (a checkpoint of another model?)")
         base = self.base_spec.describe()
         if self.hparams.check_base_on_resume and meta.get("base") not in (None, base):
             raise UserError(f"the checkpoint was trained on base model {meta['base']!r}, this run uses {base!r}; "
@@ -386,6 +411,10 @@ class FactModule(pl.LightningModule):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(self.adapter, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+class CheckpointMismatch(UserError, RuntimeError):
+    """The checkpoint's weights are not this adapter's (another model's checkpoint)."""
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:
