@@ -215,15 +215,23 @@ class FactModule(pl.LightningModule):
                            + resume.describe([(f"model.optimizer.{k}", old, new) for k, old, new in changes]))
 
     # -- the step --------------------------------------------------------------------------------------
+    def _from_host(self, t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A tensor made on the host during the step (token ids, per-sample draws, decisions) on the module's
+        device without making the host wait: a plain ``.to`` from pageable memory waits for the device's queue
+        to drain, every step; pinned memory and ``non_blocking`` let the host queue the rest of the step."""
+        if t.device.type == "cpu" and self.device.type == "cuda":
+            t = t.pin_memory()
+        return t.to(self.device, dtype, non_blocking=True)
+
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
         ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device))[0]
+        return self.text_encoder(self._from_host(ids))[0]
 
     def face_embeddings(self, batch: dict, face: torch.Tensor) -> torch.Tensor:
         """(B, T, cross_dim) identity tokens: paired, shuffled or Prj(zeros) per ``face`` (B,) FaceChoice."""
-        face = face.to(self.device)
+        face = self._from_host(face)
         tokens = torch.where((face == FaceChoice.SHUFFLED).view(-1, 1, 1), batch["shuffled_tokens"], batch["tokens"])
         embeddings = self.adapter.project(tokens.to(self.adapter.projection.latents.dtype))
         null = self.adapter.null_embedding(1, tokens.shape[1])
@@ -248,13 +256,13 @@ class FactModule(pl.LightningModule):
         decisions = decide(generators, probabilities, batch.get("shuffle_available"))
         with torch.no_grad():
             mean, std = self.latent_distribution(batch)
-            eps = draw_normal(generators, tuple(mean.shape[1:])).to(mean)
+            eps = self._from_host(draw_normal(generators, tuple(mean.shape[1:])), mean.dtype)
             latents = (mean + std * eps) * self.vae.config.scaling_factor
             latents = latents.to(torch.promote_types(latents.dtype, torch.float32))
             captions = ["" if drop else c for c, drop in zip(batch["caption"], decisions.drop_text.tolist())]
             text = self.encode_text(captions)
-        noise = draw_normal(generators, tuple(latents.shape[1:])).to(latents)
-        timesteps = draw_timesteps(generators, self.noise_scheduler.config.num_train_timesteps).to(self.device)
+        noise = self._from_host(draw_normal(generators, tuple(latents.shape[1:])), latents.dtype)
+        timesteps = self._from_host(draw_timesteps(generators, self.noise_scheduler.config.num_train_timesteps))
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -269,7 +277,7 @@ class FactModule(pl.LightningModule):
             fair = losses.fair_per_block(records, batch["mask"], latent_hw, self.hparams.fair_denominator)
         # Eq. 4's M: the binary face region on the latent grid, as FAIR's M_x is on each block's grid.
         face_latent = losses.face_region(batch["mask"].to(latents.dtype), latent_hw)
-        loss_mask = losses.random_loss_masks(face_latent, decisions.use_mask)
+        loss_mask = losses.random_loss_masks(face_latent, self._from_host(decisions.use_mask))
         diffusion = losses.masked_diffusion_loss(pred, target, loss_mask, self.hparams.mask_loss_normalize).mean()
         fair_means = {path: value.mean() for path, value in fair.items()}
         fair_total = torch.stack(list(fair_means.values())).sum()
