@@ -18,12 +18,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from .callbacks.run_end import RunEnd
@@ -41,6 +42,18 @@ log = logging.getLogger(__name__)
 DEFAULT_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 RUN_LOCK = ".fact-train.lock"
 _CHECKPOINT_WORDS = ("best", "last", "hpc")  # what Lightning reads as a ckpt_path other than a file
+
+
+class _OneLineParser(LightningArgumentParser):
+    """A config or command-line mistake (a typo in a key, a wrong type, a missing --config file) is one
+    ``error:`` line and a pointer to --help, not the whole usage text before it."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:  # jsonargparse trying alternatives: it handles the error itself
+            return super().error(message, ex)
+        print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+        print(f"(see {self.prog.replace(' [options]', '')} --help)", file=sys.stderr, flush=True)
+        self.exit(2)
 
 
 class FactCLI(LightningCLI):
@@ -129,6 +142,8 @@ class FactCLI(LightningCLI):
                             "them): %s", checkpoint.get("global_step"), resume.describe(applied))
 
     def before_validate(self) -> None:
+        if not self.datamodule.hparams.val_root:  # Lightning would run zero batches and exit 0
+            raise UserError("fact-train validate needs validation data: set data.val_root to a shard folder")
         self.datamodule.check()
         self._read_ckpt_path(self.config_init[self.subcommand].get("ckpt_path"), verify=True)
 
@@ -154,6 +169,7 @@ def build_cli(args: list[str] | None = None) -> FactCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [RunEnd()]},  # every fit saves its last step and stops cleanly on signals
         parser_kwargs={"description": "Train FACT face adapters on Stable Diffusion 1.5."},
+        parser_class=_OneLineParser,
         args=args,
     )
 

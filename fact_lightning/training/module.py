@@ -23,6 +23,7 @@ from torch.distributed import ReduceOp
 from . import losses, resume
 from .conditioning import (ConditionProbabilities, FaceChoice, ShuffleSchedule, decide, draw_normal, draw_timesteps,
                             sample_generators)
+from ..checks import Range
 from ..errors import UserError
 from ..models.injection import FaceAdapter, mark_only_adapter_trainable
 from ..models.resampler import ResamplerConfig
@@ -101,6 +102,10 @@ class FactModule(pl.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.probabilities(0)  # validates the probabilities early
+        for name, value, allowed in (("model.adapter_scale", adapter_scale, Range(float, 0.0)),
+                                     ("model.fair_weight", fair_weight, Range(float, 0.0)),
+                                     ("model.seed", seed, Range(int, 0, 2**32 - 1))):
+            allowed.check(value, name)  # a NaN weight or scale trains silently to nothing: refuse it here
         if max_nonfinite_steps < 1:
             raise ValueError(f"max_nonfinite_steps must be >= 1, got {max_nonfinite_steps}")
         if fair_denominator not in losses.FAIR_DENOMINATORS:
@@ -152,6 +157,8 @@ class FactModule(pl.LightningModule):
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.adapter.parameters())
+        for group in optimizer.param_groups:  # the optimizer's own checks let lr=nan and lr=inf through
+            Range(float, 0.0, min_open=True).check(float(group["lr"]), "model.optimizer lr")
         if self.scheduler_factory is None:
             self._configured_optimizer = (resume.settings(optimizer), None)
             return optimizer

@@ -143,3 +143,21 @@ def test_resume_last_continues_the_same_run_and_curves(shards, tmp_path):
     events.Reload()
     steps = sorted({e.step for e in events.Scalars("train/diffusion")})
     assert steps == [0, 1, 2, 3, 4]  # one curve over both launches, in the run folder itself
+
+
+@pytest.mark.parametrize("mistake,named", [(["--model.fair_weigth", "0.1"], "fair_weigth"),
+                                           (["--model.fair_weight", "abc"], "model.fair_weight"),
+                                           (["--config", "/nonexistent/fact.yaml"], "/nonexistent/fact.yaml")])
+def test_a_config_mistake_is_one_line_and_a_pointer_to_help(shards, tmp_path, mistake, named):
+    """A typo in a key, a wrong type, a missing config file: not the ~95 lines of usage before the error."""
+    done = fact_train("fit", "--config", TINY, "--data.root", str(shards), "--trainer.default_root_dir",
+                      str(tmp_path / "run"), *mistake)
+    _one_line_error(done, named)
+    assert done.stderr.strip().splitlines()[1:] == ["(see fact-train fit --help)"], done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_without_validation_data_names_data_val_root(shards, tmp_path):
+    done = fact_train("validate", "--config", TINY, "--data.root", str(shards), "--trainer.default_root_dir",
+                      str(tmp_path / "run"))
+    _one_line_error(done, "data.val_root")
