@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 # One xdist worker per core (tests start their own processes, each with one compute thread: tests/conftest.py);
 # tests that share an expensive module fixture carry an xdist_group mark and run on one worker.
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto --dist loadgroup
+	$(PY) -m pytest -q -n auto --dist loadgroup --durations=30
 
 # The main job on the embedded defaults: shards from the sample photos (tiny random TransFace), a short
 # tiny-config training run on CPU (TensorBoard logs, checkpoints, exported adapters), then portraits
