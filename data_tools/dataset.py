@@ -1,7 +1,7 @@
 """Reading built datasets: `inspect` checks, decoded images for previews, shard-level identity verification.
 
 Raw samples come from :func:`fact_lightning.data.shards.iter_raw_samples` (webdataset's tar stages) and are
-decoded and checked only by :func:`fact_lightning.data.shards.decode_sample`, the member table training reads
+decoded and checked only by :func:`fact_lightning.data.members.decode_sample`, the member table training reads
 through too; a shard that cannot be read, or a member that is unknown or does not decode or fit, is named
 with its shard and sample key.
 """
@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
-from fact_lightning.data import schema, shards
-from fact_lightning.data.shards import SampleError, ShardError, iter_raw_samples
+from fact_lightning.data import members, schema, shards
+from fact_lightning.data.members import SampleError
+from fact_lightning.data.shards import ShardError, iter_raw_samples
 from fact_lightning.files import sha256_file
 
 __all__ = ["ShardError", "check_sample", "inspect_dataset", "iter_images", "verify_dataset"]
@@ -23,7 +24,7 @@ __all__ = ["ShardError", "check_sample", "inspect_dataset", "iter_images", "veri
 
 def check_sample(sample: dict[str, bytes], token_shape: list[int] | None = None, resolution: int | None = None,
                  decode: bool = True, latent_shape: list[int] | None = None) -> int:
-    """Validate one raw group sample through the member table (``shards.decode_sample``); returns its image
+    """Validate one raw group sample through the member table (``members.decode_sample``); returns its image
     count. Raises SampleError (a ValueError) naming the shard, the sample key and the member.
 
     latent_shape: the cached latents' shape (``manifest["vae"]["latent_shape"]``), which every image must
@@ -32,9 +33,9 @@ def check_sample(sample: dict[str, bytes], token_shape: list[int] | None = None,
     decode: also decode every image and check sizes (``crop`` and ``mask`` ``resolution`` square, ``face``
     112 square); without it only the member names, the tokens, latents and JSON are checked.
     """
-    expected = shards.Expected(resolution=resolution, token_shape=tuple(token_shape) if token_shape else None,
+    expected = members.Expected(resolution=resolution, token_shape=tuple(token_shape) if token_shape else None,
                                latent_shape=tuple(latent_shape) if latent_shape else None)
-    decoded = shards.decode_sample(sample, expected, images=decode)
+    decoded = members.decode_sample(sample, expected, images=decode)
     _, images = schema.split_group(decoded)
     shard = Path(str(sample.get("__url__") or "?")).name
     for i, image in enumerate(images):
@@ -83,7 +84,7 @@ def _check_shard(path: Path, listed: dict | None, token_shape, resolution, quick
         shard.ok, shard.error = False, "sha256 differs from the manifest (damaged or rewritten)"
         return shard
     try:
-        shards.check_member_names(path)  # also what webdataset's tar reader drops silently
+        members.check_member_names(path)  # also what webdataset's tar reader drops silently
         for sample in iter_raw_samples(path):
             shard.images += check_sample(sample, token_shape, resolution, decode=not quick, latent_shape=latent_shape)
             shard.samples += 1
@@ -127,7 +128,7 @@ def iter_images(root: Path) -> Iterator[tuple[dict, dict]]:
     for path in sorted(Path(root).glob("shard-*.tar")):
         for sample in iter_raw_samples(path):
             try:
-                group, images = schema.split_group(shards.decode_sample(sample, latents=False))
+                group, images = schema.split_group(members.decode_sample(sample, latents=False))
             except SampleError as exc:  # already names the shard, the sample and the member
                 raise ShardError(str(exc)) from None
             yield from ((group, image) for image in images)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 # One compute thread per test process, inherited by the commands the tests start. The suite runs one xdist
@@ -84,3 +86,15 @@ def pytest_collection_modifyitems(config, items):
         defs = info.name2fixturedefs.values() if info is not None else ()
         if any(d.scope == "module" for chain in defs for d in chain):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+def unshare_mount_works(mnt: Path) -> bool:
+    """Whether a tmpfs can be mounted on ``mnt`` in a private mount namespace (the full-disk tests' real disk)."""
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt}"],
+                           capture_output=True, timeout=10)
+    return probe.returncode == 0
+
+
+NEEDS_MOUNT_NS = "needs unshare -m and mount (root in a mount namespace), as the developers' machines and CI have"

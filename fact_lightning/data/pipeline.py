@@ -40,7 +40,8 @@ import torch
 
 from ..errors import UserError
 from . import schema
-from .shards import Expected, ManifestError, decode_sample, tar_samples
+from .members import Expected, decode_sample
+from .shards import ManifestError, tar_samples
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ class CheckShardCounts:
 @dataclass
 class DecodeGroups:
     """Stage (under ``wds.map`` with the handler): a raw group -> its members decoded and checked by
-    ``shards.decode_sample``; a damaged group raises ``SampleError`` (shard, key, member), skipped and counted.
+    ``members.decode_sample``; a damaged group raises ``SampleError`` (shard, key, member), skipped and counted.
 
     latents: False leaves ``latent.npy`` undecoded (training that ignores cached latents).
     """
@@ -308,7 +309,7 @@ class ToTensors:
 
 
 def _pixels(value: Any, mode: str, what: str) -> np.ndarray:
-    """uint8 pixels of a decoded image: an array (``shards.decode_sample``) or a PIL image (converted to ``mode``)."""
+    """uint8 pixels of a decoded image: an array (``members.decode_sample``) or a PIL image (converted to ``mode``)."""
     from PIL import Image
 
     array = np.asarray(value.convert(mode) if isinstance(value, Image.Image) else value)
@@ -350,7 +351,7 @@ def build_pipeline(
 ):
     """The training ``wds.DataPipeline``: an IterableDataset of sample dicts (infinite when ``resampled``).
 
-    Every member is decoded and checked by ``shards.decode_sample`` against what the caller knows of the
+    Every member is decoded and checked by ``members.decode_sample`` against what the caller knows of the
     manifest: crops of ``resolution`` (with ``resize``: of ``shard_resolution``, the manifest's, if given),
     tokens of ``token_shape``, latents of ``latent_shape``.
 

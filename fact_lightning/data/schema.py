@@ -6,7 +6,7 @@ Each webdataset sample is one *identity group*: up to ``max_per_group`` images o
 ``{i:02d}.crop.jpg``, ``{i:02d}.mask.png``, ``{i:02d}.face.png``, ``{i:02d}.tokens.npy``, ``{i:02d}.meta.json``,
 and, in a dataset made with a VAE, ``{i:02d}.latent.npy``.
 Those are the only members a sample may hold. Readers decode them only through the one table of member
-decoders and checks in :mod:`shards` (``shards.decode_sample``), never through webdataset's default decoder
+decoders and checks in :mod:`members` (``members.decode_sample``), never through webdataset's default decoder
 table: a member of any other name (``00.extra.pyd``, a pickle) makes the sample damaged and is never decoded.
 
 Bump :data:`FORMAT_VERSION` on any change that a reader could notice. The optional ``latent.npy`` did not

@@ -20,7 +20,7 @@ from data_tools.dataset import inspect_dataset, iter_images
 from data_tools.latents import run_add_latents
 from data_tools.options import AddLatentsOptions, LatentOptions
 from dt_helpers import rewrite_shard
-from fact_lightning.data import schema, shards
+from fact_lightning.data import members, schema, shards
 from fact_lightning.data.datamodule import FactDataModule
 from fact_lightning.data.pipeline import SkipAndCount, build_pipeline, read_all
 from fact_lightning.experiments.synthetic import write_synthetic_shards
@@ -203,11 +203,11 @@ def test_nothing_of_a_damaged_sample_is_decoded(clean, tmp_path, monkeypatch):
     sample = next(s for s in shards.iter_raw_samples(root / SHARD) if s["__key__"] == VICTIM)
     calls = []
     for table in ("IMAGE_MEMBERS", "GROUP_MEMBERS"):
-        spy = {name: shards.Member(m.kind, lambda data, exp, n=name: calls.append(n))
-               for name, m in getattr(shards, table).items()}
-        monkeypatch.setattr(shards, table, spy)
-    with pytest.raises(shards.SampleError, match=rf"^{SHARD}: sample {VICTIM}: 00\.extra\.pyd is not a member"):
-        shards.decode_sample(sample)
+        spy = {name: members.Member(m.kind, lambda data, exp, n=name: calls.append(n))
+               for name, m in getattr(members, table).items()}
+        monkeypatch.setattr(members, table, spy)
+    with pytest.raises(members.SampleError, match=rf"^{SHARD}: sample {VICTIM}: 00\.extra\.pyd is not a member"):
+        members.decode_sample(sample)
     assert calls == []
 
 
@@ -286,10 +286,10 @@ def test_resizing_readers_still_check_crops_against_the_shards_resolution(clean,
 
 # --- no regression: everything the writers produce reads back ------------------------------------------------
 def test_the_table_names_exactly_the_schema_fields():
-    assert set(shards.IMAGE_MEMBERS) == {*schema.IMAGE_FIELDS, schema.LATENT}
-    assert set(shards.GROUP_MEMBERS) == {schema.GROUP}
-    assert shards.member_field("03.crop.jpg") == schema.CROP and shards.member_field("group.json") == schema.GROUP
-    assert shards.member_field("03.crop.png") is None and shards.member_field("crop.jpg") is None
+    assert set(members.IMAGE_MEMBERS) == {*schema.IMAGE_FIELDS, schema.LATENT}
+    assert set(members.GROUP_MEMBERS) == {schema.GROUP}
+    assert members.member_field("03.crop.jpg") == schema.CROP and members.member_field("group.json") == schema.GROUP
+    assert members.member_field("03.crop.png") is None and members.member_field("crop.jpg") is None
 
 
 def test_every_member_the_writers_produce_round_trips(clean, built):
@@ -299,14 +299,14 @@ def test_every_member_the_writers_produce_round_trips(clean, built):
         assert inspect_dataset(root).ok and inspect_dataset(root, quick=True).ok
         names = set()
         for path in sorted(root.glob("shard-*.tar")):
-            shards.check_member_names(path)
+            members.check_member_names(path)
             with tarfile.open(path) as tar:
                 names |= {m.name.partition(".")[2] for m in tar}
             for sample in shards.iter_raw_samples(path):
-                decoded = shards.decode_sample(sample)
+                decoded = members.decode_sample(sample)
                 assert set(decoded) == set(sample)
-        assert all(shards.member_field(n) for n in names)
-        assert {shards.member_field(n) for n in names} >= {*schema.IMAGE_FIELDS, schema.GROUP}
+        assert all(members.member_field(n) for n in names)
+        assert {members.member_field(n) for n in names} >= {*schema.IMAGE_FIELDS, schema.GROUP}
     handler = SkipAndCount()
     urls = shards.shard_urls(clean, shards.read_manifest(clean))
     assert {s["key"] for s in read_all(urls, **_reader_args(clean, handler))} == _keys(clean)

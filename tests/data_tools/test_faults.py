@@ -26,6 +26,7 @@ from dt_helpers import RAW, build_opts, one_error_line, rewrite_shard
 from worker_deaths import kill_a_worker_of_a_build
 from fact_lightning.data import shards
 from fact_lightning.errors import UserError
+from tests.conftest import NEEDS_MOUNT_NS, unshare_mount_works
 
 FACT_DATA = str(Path(sys.executable).parent / "fact-data")
 ENV = {**os.environ, "GLOG_minloglevel": "2", "COLUMNS": "200"}
@@ -117,22 +118,13 @@ def test_out_that_is_a_file_is_refused(tmp_path):
     assert out.read_text() == "not a folder"
 
 
-def _unshare_mount_works(tmp_path: Path) -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
-                           capture_output=True, timeout=10)
-    return probe.returncode == 0
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mount_opts,reason", [("size=96k", "No space left on device"), ("ro", "Read-only file system")])
 def test_full_or_read_only_disk_ends_in_one_line_and_leaves_no_tmp(tmp_path, mount_opts, reason):
     """A tiny (or read-only) tmpfs in a private mount namespace: it vanishes with the command."""
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if not _unshare_mount_works(mnt):
-        pytest.skip("needs unshare -m and mount (root in a mount namespace)")
+    assert unshare_mount_works(mnt), NEEDS_MOUNT_NS  # a real full disk, never skipped
     script = ('mount -t tmpfs -o "$1" tmpfs "$2" || exit 99; "$3" build --src "$4" --out "$2/out" '
               '--encoder tiny --random-encoder; rc=$?; echo "LISTING:"; ls -a "$2/out" 2>/dev/null; exit $rc')
     result = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", mount_opts, str(mnt), FACT_DATA,

@@ -5,9 +5,7 @@ through the real program on a tiny tmpfs in a private mount namespace."""
 from __future__ import annotations
 
 import errno
-import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
 import safetensors
@@ -17,6 +15,7 @@ from fact_lightning.errors import UserError
 from fact_lightning.files import assembled_folder
 from fact_lightning.training.checkpoints import AtomicCheckpointIO, read_checkpoint
 from tests.training.runs import CONFIG, FACT_TRAIN, error_lines
+from tests.conftest import NEEDS_MOUNT_NS, unshare_mount_works
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -59,21 +58,12 @@ def test_a_full_disk_during_an_export_leaves_the_old_folder_and_no_staging(tmp_p
     assert (dest / "adapter.safetensors").read_bytes() == b"old"
 
 
-def _unshare_mount_works(mnt: Path) -> bool:
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {mnt}"],
-                           capture_output=True, timeout=10)
-    return probe.returncode == 0
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("full", ["checkpoints", "adapters"])
 def test_a_full_disk_ends_the_fit_in_one_line_with_nothing_half_written(shards, tmp_path, full):
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    if not _unshare_mount_works(mnt):
-        pytest.skip("needs unshare -m and mount (root in a mount namespace)")
+    assert unshare_mount_works(mnt), NEEDS_MOUNT_NS  # a real full disk, never skipped
     config = CONFIG.format(steps=4, shards=shards)
     config = config.replace("every_n_train_steps: 2,", f"every_n_train_steps: 2, dirpath: {mnt}/checkpoints,"
                             if full == "checkpoints" else "every_n_train_steps: 2,")
