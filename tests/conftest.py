@@ -80,12 +80,18 @@ def unet_inputs():
 def pytest_collection_modifyitems(config, items):
     """Under ``--dist loadgroup`` (make test), the tests that use a module-scoped fixture (a training run, a
     TensorBoard server, a built dataset) run on one xdist worker, so that fixture is built once; the others
-    spread over the workers one by one."""
+    spread over the workers one by one.
+
+    The modules with ``slow`` tests are handed out first: xdist hands out tests in collection order, and a long
+    test taken last leaves the other worker idle until it ends (longest first keeps both busy to the end). Whole
+    modules move, in their own order, so that a module-scoped fixture is still built once."""
     for item in items:
         info = getattr(item, "_fixtureinfo", None)  # pytest's record of the fixtures a test resolved
         defs = info.name2fixturedefs.values() if info is not None else ()
         if any(d.scope == "module" for chain in defs for d in chain):
             item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow_modules)  # stable: the order within stays
 
 
 def unshare_mount_works(mnt: Path) -> bool:

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -16,6 +17,7 @@ ROOT = Path(__file__).parents[1]
 PHOTOS = ROOT / "tests" / "fixtures" / "faces" / "raw"
 
 
+@pytest.mark.slow
 def test_photos_to_shards_to_trained_adapter_to_portraits(tmp_path, monkeypatch):
     manifest = run_build(BuildOptions(src=PHOTOS, out=tmp_path / "shards", record=RecordOptions(resolution=128),
                                       encoder="tiny", random_encoder=True, images_per_shard=4))

@@ -193,21 +193,21 @@ def test_a_second_build_into_the_same_folder_is_refused(raw_copy, tmp_path):
 
 # --- re-builds and damaged shards ----------------------------------------------------------------------------
 def test_changed_options_keep_the_old_manifest_until_the_new_one_is_complete(tmp_path, monkeypatch, caplog):
-    from data_tools import build
+    from data_tools.shard_builder import ShardBuilder
 
     src, out = small_src(tmp_path), tmp_path / "out"
     src_obama = src / "fr_obama"
     shutil.copytree(RAW / "fr_obama", src_obama)
     first = run_build(build_opts(src, out, images_per_shard=2))
     old_manifest = (out / shards.MANIFEST_NAME).read_bytes()
-    real = build._Builder.process_shard
+    real = ShardBuilder.process_shard
 
     def killed_after_one(self, plan):
         if plan.index == 1:
             raise KeyboardInterrupt  # the re-build is interrupted half-way
         return real(self, plan)
 
-    monkeypatch.setattr(build._Builder, "process_shard", killed_after_one)
+    monkeypatch.setattr(ShardBuilder, "process_shard", killed_after_one)
     with caplog.at_level("WARNING"), pytest.raises(KeyboardInterrupt):
         run_build(build_opts(src, out, images_per_shard=2, record=RecordOptions(jpeg_quality=80)))
     assert any("options changed" in r.getMessage() and "record" in r.getMessage() for r in caplog.records)

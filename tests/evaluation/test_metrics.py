@@ -81,6 +81,7 @@ def test_face_similarity_dlib_ranks_the_same_person_higher(detector):
     assert identical > same > other
 
 
+@pytest.mark.slow
 def test_evaluate_command_writes_json_and_tensorboard(tmp_path):
     import shutil
 

@@ -37,6 +37,7 @@ def _args(unet_inputs):
     return unet_inputs["sample"], unet_inputs["timestep"], unet_inputs["encoder_hidden_states"]
 
 
+@pytest.mark.slow
 def test_a_unet_with_adapters_is_one_graph(adapted, unet_inputs):
     unet, adapter, face = adapted
     with torch.no_grad():

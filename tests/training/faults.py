@@ -83,3 +83,19 @@ class SignalAt(pl.Callback):
         self._fired = True
         for _ in range(self.times):
             os.kill(os.getpid(), self.signum)
+
+
+def save_forever(path: str, steps, tmpdir: str) -> None:
+    """Saves checkpoints of step 1, 2, ... to ``path`` with the real writer until killed, sending each step
+    number on ``steps`` (a multiprocessing connection) once its save is complete; ``tmpdir`` is the
+    process's TMPDIR (the writer must not put its temporary file there)."""
+    import tempfile
+
+    from fact_lightning.training.checkpoints import AtomicCheckpointIO
+
+    os.environ["TMPDIR"], tempfile.tempdir = tmpdir, None
+    writer, step = AtomicCheckpointIO(), 0
+    while True:
+        step += 1
+        writer.save_checkpoint({"global_step": step, "w": torch.full((4_000_000,), float(step))}, path)
+        steps.send(step)

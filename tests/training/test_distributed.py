@@ -52,20 +52,36 @@ data:
 """
 
 
-def run_cli(tmp: Path, shards: Path, name: str, *overrides: str, env: dict | None = None) -> dict[str, torch.Tensor]:
+def write_run_config(tmp: Path, shards: Path, name: str) -> Path:
     out = tmp / name
     out.mkdir()
     config = out / "config.yaml"
     config.write_text(CONFIG.format(steps=STEPS, out=out, shards=shards))
+    return config
+
+
+def final_adapter(config: Path) -> dict[str, torch.Tensor]:
+    return load_file(config.parent / "adapters" / "final" / "adapter.safetensors")
+
+
+def run_cli(tmp: Path, shards: Path, name: str, *overrides: str, env: dict | None = None) -> dict[str, torch.Tensor]:
+    """The real program, launched as a torchrun-free multi-process job would be (Lightning starts rank 1)."""
+    config = write_run_config(tmp, shards, name)
     cmd = [sys.executable, "-m", "fact_lightning.cli", "fit", "--config", str(config), *overrides]
-    result = subprocess.run(cmd, cwd=out, capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})})
+    result = subprocess.run(cmd, cwd=config.parent, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stderr[-4000:]
-    return load_file(out / "adapters" / "final" / "adapter.safetensors")
+    return final_adapter(config)
 
 
 @pytest.fixture(scope="module")
 def single_process(shards, tmp_path_factory):
-    return run_cli(tmp_path_factory.mktemp("single"), shards, "single", "--data.batch_size", "4")
+    """The reference: the same program on one process, run in this one (one interpreter start less)."""
+    from fact_lightning.cli import main
+
+    config = write_run_config(tmp_path_factory.mktemp("single"), shards, "single")
+    main(["fit", "--config", str(config), "--data.batch_size", "4", "--trainer.default_root_dir", str(config.parent)])
+    return final_adapter(config)
 
 
 @pytest.fixture(scope="module")
