@@ -21,14 +21,15 @@ from typing import Any, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (BarColumn, MofNCompleteColumn, ProgressColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 from rich.text import Text
 
 from data_tools.options import AddLatentsOptions, BuildOptions
 from fact_lightning.checks import count, number
 from fact_lightning.commands.cli_errors import guarded, run_app
+from fact_lightning.commands.console import progress as progress_display
 from fact_lightning.errors import UserError
 
 # Plain click help: it wraps long option names and help at any width instead of cutting them off.
@@ -122,8 +123,8 @@ def build(**values: Any) -> None:
     opts = _from_options(BuildOptions, values)
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        task = progress.add_task("photos", total=None)
+    with progress_display(*columns, console=console) as progress:  # plain lines when stderr is no terminal
+        task = progress.add_task("photos", total=None, unit="photo")
 
         def on_plan(found: int, shards: int) -> None:
             progress.update(task, total=found, description=f"photos ({shards} shards)")
@@ -181,12 +182,25 @@ def add_latents(path: Path, **values: Any) -> None:
 
     _dataset_folder(path)
     opts = _from_options(AddLatentsOptions, values)
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
-        task = progress.add_task("images", total=None)
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    with progress_display(*columns, console=console) as progress:
+        task = progress.add_task("images", total=_image_count(path), unit="image")
         manifest = run_add_latents(path, opts, progress=lambda n: progress.advance(task, n))
     out_console.print(f"{len(manifest['shards'])} shards, {manifest['resumed_shards']} already had these latents")
     out_console.print(_latents_line(manifest))
+
+
+def _image_count(path: Path) -> int | None:
+    """The images of a finished build (the progress total), or None where its manifest cannot tell."""
+    from fact_lightning.data.shards import ManifestError, read_manifest
+
+    try:
+        manifest = read_manifest(path)
+    except (ManifestError, OSError):  # run_add_latents reports it, in one line
+        return None
+    images = [entry.get("images") for entry in manifest["shards"] if isinstance(entry, dict)]
+    return sum(images) if images and all(isinstance(n, int) for n in images) else None
 
 
 # --- reading ---------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def load_vae(opts: LatentOptions):
     else:
         from diffusers import AutoencoderKL
 
-        from fact_lightning.models.base import MissingWeightsError, resolve_source
+        from fact_lightning.weights import MissingWeightsError, resolve_source
 
         try:
             where = resolve_source(opts.vae, "--vae")

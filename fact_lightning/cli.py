@@ -19,16 +19,16 @@ import contextlib
 import logging
 import os
 import sys
-import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from .callbacks.run_end import RunEnd
 from .commands.cli_errors import guarded
+from .commands.console import quiet_library_noise
 from .data.datamodule import FactDataModule
 from .errors import UserError
 from .files import FolderBusy, locked_folder
@@ -36,12 +36,16 @@ from .training import resume
 from .training.base_spec import spec_vae_name
 from .training.checkpoints import HPC_PATTERN, AtomicCheckpointIO, read_checkpoint, resolve_last
 from .training.module import FactModule
+from .weights import missing_files, raise_if_missing
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 RUN_LOCK = ".fact-train.lock"
 _CHECKPOINT_WORDS = ("best", "last", "hpc")  # what Lightning reads as a ckpt_path other than a file
+_GPU_ACCELERATORS = ("gpu", "cuda")
+# What runs any config on one CPU process: each trainer setting, and its CPU value.
+_CPU_SETTINGS = {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto", "precision": "32-true"}
 
 
 class _OneLineParser(LightningArgumentParser):
@@ -82,7 +86,14 @@ class FactCLI(LightningCLI):
         plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
         if not any(hasattr(p, "save_checkpoint") for p in plugins):
             plugins.append(AtomicCheckpointIO())
-        return super().instantiate_trainer(plugins=plugins, **kwargs)
+        try:
+            return super().instantiate_trainer(plugins=plugins, **kwargs)
+        except MisconfigurationException as err:
+            settings = self._get(self.config, "trainer", default=Namespace())
+            message = missing_gpu_message(settings, err)
+            if message is None:
+                raise
+            raise UserError(message) from None
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI would replace this run's model options with the checkpoint's hyper-parameters when
@@ -126,7 +137,16 @@ class FactCLI(LightningCLI):
     def run_folder(self) -> Path:
         return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
+    def check_weights(self) -> None:
+        """Every weight file this run would load, checked before anything loads: one error names all that are
+        missing (the base model's files, then each ``*weights`` file the config names)."""
+        problems = list(self.model.base_spec.weight_problems())
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        problems += missing_files(named_weight_files(config))
+        raise_if_missing(problems)
+
     def before_fit(self) -> None:
+        self.check_weights()
         self.datamodule.check()
         config = self.config_init[self.subcommand]
         verify = True
@@ -144,6 +164,7 @@ class FactCLI(LightningCLI):
     def before_validate(self) -> None:
         if not self.datamodule.hparams.val_root:  # Lightning would run zero batches and exit 0
             raise UserError("fact-train validate needs validation data: set data.val_root to a shard folder")
+        self.check_weights()
         self.datamodule.check()
         self._read_ckpt_path(self.config_init[self.subcommand].get("ckpt_path"), verify=True)
 
@@ -161,6 +182,50 @@ class FactCLI(LightningCLI):
         return self.run_folder() / "checkpoints"
 
 
+def named_weight_files(config, where: str = "") -> Iterator[tuple[str, str]]:
+    """``(name, path)`` for every value the parsed config gives to an argument named ``*weights`` (a file or a
+    folder of weights, e.g. ``Previews.encoder_weights``); a class's arguments are named after the class."""
+    if isinstance(config, Namespace):
+        if config.get("class_path"):
+            yield from named_weight_files(config.get("init_args"), str(config["class_path"]).rpartition(".")[2])
+            return
+        for key, value in vars(config).items():
+            name = f"{where}.{key}" if where else key
+            if key.endswith("weights") and isinstance(value, (str, os.PathLike)) and str(value):
+                yield name, str(value)
+            else:
+                yield from named_weight_files(value, name)
+    elif isinstance(config, (list, tuple)):
+        for i, value in enumerate(config):
+            yield from named_weight_files(value, f"{where}[{i}]")
+
+
+def missing_gpu_message(settings, err: Exception) -> str | None:
+    """For a trainer that asks for more GPUs than this machine shows: its GPU settings as set, what is visible,
+    and the overrides that run the same config on this machine's CPU (or on the GPUs it has). None for any other
+    misconfiguration."""
+    import torch
+
+    accelerator = str(settings.get("accelerator"))
+    if accelerator not in _GPU_ACCELERATORS:
+        return None
+    visible = torch.cuda.device_count()
+    asked = settings.get("devices")
+    wanted = len(asked) if isinstance(asked, (list, tuple)) else int(asked) if str(asked).isdigit() else None
+    if visible and (wanted is None or wanted <= visible):
+        return None  # the GPUs are there: something else is wrong, and Lightning's own message says what
+    named = ", ".join(f"trainer.{key} {settings.get(key)}" for key in _CPU_SETTINGS if settings.get(key) is not None)
+    cpu = " ".join(f"--trainer.{key} {value}" for key, value in _CPU_SETTINGS.items()
+                   if settings.get(key) is not None and str(settings.get(key)) not in (str(value), "auto"))
+    found = "no GPU is visible here" if visible == 0 else f"only {visible} GPU(s) are visible here"
+    elsewhere = f"run it where {wanted} GPU(s) per node are visible" if wanted else "run it where GPUs are visible"
+    if visible:
+        elsewhere += f", here on {visible} with --trainer.devices {visible}"
+    reason = " ".join(str(err).split())
+    return f"this config trains on GPUs ({named}) but {found} ({reason}): {elsewhere}, or on this machine's CPU " \
+           f"with {cpu}"
+
+
 def build_cli(args: list[str] | None = None) -> FactCLI:
     """Parses ``args`` (default: sys.argv) and runs the subcommand; returns the CLI (its trainer, model...)."""
     return FactCLI(
@@ -172,30 +237,6 @@ def build_cli(args: list[str] | None = None) -> FactCLI:
         parser_class=_OneLineParser,
         args=args,
     )
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, *fragments: str):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(f in record.getMessage() for f in self.fragments)
-
-
-def quiet_library_noise() -> None:
-    """Drops library messages that say nothing about this run (advertising, warnings about intended states)."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropMessages("litlogger"))
-    # The shards' manifest says so already when the face encoder is random (the data module warns once).
-    logging.getLogger("fact_lightning.interop.official").addFilter(_DropMessages("RANDOMLY INITIALISED"))
-    # Lightning's internals call a torch API that torch itself has deprecated: nothing a user can act on.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
-    # The frozen SD1.5 parts are in eval mode on purpose (no dropout, fixed norms).
-    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=PossibleUserWarning)
-    # Without data.val_root the validation loaders are an empty list, which Lightning reports as zero length.
-    warnings.filterwarnings("ignore", message=r".*Total length of .* across ranks is zero", category=UserWarning)
-    # The data module saves and restores its position itself (a resumed run continues the data order).
-    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def main(args: list[str] | None = None) -> None:

@@ -19,12 +19,14 @@ scale 0 (exactly the base model), and on global rank 0:
   ``log_image(key, images, step=...)`` method (``WandbLogger`` and others); other loggers are skipped;
 * logs an identity curve to every logger: ``preview/face_similarity`` (and ``..._base``), the mean cosine
   similarity between the TransFace embedding of the face found in each preview and that of its reference,
-  over the previews where a face was found, and ``preview/face_detect_rate`` (and ``..._base``).
+  over the previews where a face was found (NaN where none was: TensorBoard draws NaN points as triangles,
+  so a missing value shows), and ``preview/face_detect_rate`` (and ``..._base``). ``scores.json`` writes a
+  missing similarity as null.
 
 The face model is the project's: the detector under ``LENIENT_POLICY`` and the TransFace encoder that the
 shards were made with (the manifest's ``encoder`` record; random weights only when the manifest says the
 shards were encoded with random weights). With random tiny models no face is found in any preview: then the
-detect rate is 0 and no similarity is logged. When the encoder cannot be loaded (weights missing) the face
+detect rate is 0 and the similarity NaN. When the encoder cannot be loaded (weights missing) the face
 scalars are left out with a warning; images are still written.
 
 Under DDP only global rank 0 generates (the other ranks go on to the next step's collectives and wait there);
@@ -37,6 +39,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,16 +51,19 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from ..data import schema
 from ..data.shards import ShardError, iter_raw_samples, read_manifest, shard_urls
-from ..inference.generator import DEFAULT_GUIDANCE, DEFAULT_STEPS
-from ..inference.pipelines import DEFAULT_SCHEDULER
+from ..inference.recipe import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from ..inference.recipe import DEFAULT_SCHEDULER
 from ..faces.identity import face_similarity, reference_embedding
 from ..inference.prompts import DEFAULT_SUBJECT, parse_prompts, read_prompts
-from ..models.sfags import INFERENCE_ADAPTER_SCALE
+from ..inference.recipe import INFERENCE_ADAPTER_SCALE
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PROMPTS = "a photo of {subject}\n"
 GRID_TILE = 256  # grids (grid.png, logger images) show previews at most this large; the PNG files are full size
+# Label text is this fraction of a tile's side (at least LABEL_MIN_PX): still readable when a dashboard shows a
+# grid of four tiles a row at a third of its size.
+LABEL_FRACTION, LABEL_MIN_PX = 1 / 8, 10
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -146,25 +152,39 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
 
 
+def label_px(tile: int) -> int:
+    """The label font size of a grid of ``tile``-pixel squares."""
+    return max(LABEL_MIN_PX, round(tile * LABEL_FRACTION))
+
+
 def labelled_grid(rows: list[list[np.ndarray]], row_labels: list[str], col_labels: list[str], title: str,
                   tile: int | None = None) -> np.ndarray:
-    """uint8 (H, W, 3) images as ``tile``-pixel squares (default: the largest image's height) in a grid, with a
-    title, column labels on top and row labels on the left."""
+    """uint8 (H, W, 3) images as ``tile``-pixel squares (default: the largest image's height) in a grid, under a
+    grey header band (the title, then the column labels) and right of a band of row labels; the text is
+    :func:`label_px` high, an eighth of a tile, so that it scales with the tiles."""
     from PIL import Image, ImageDraw, ImageFont
 
     tile = tile or max(cell.shape[0] for row in rows for cell in row)
-    font = ImageFont.load_default(size=max(10, tile // 20))
+    font = ImageFont.load_default(size=label_px(tile))
+    pad = max(2, label_px(tile) // 4)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    line = measure.textbbox((0, 0), "Ag", font=font)[3] + 4
-    left = max(measure.textbbox((0, 0), t, font=font)[2] for t in row_labels) + 8
-    top = 2 * line + 4
+    line = measure.textbbox((0, 0), "Ag", font=font)[3] + 2 * pad
+    left = max(measure.textbbox((0, 0), t, font=font)[2] for t in row_labels) + 2 * pad
+    widest = max(measure.textbbox((0, 0), t, font=font)[2] for t in col_labels)
+    if widest > tile - 2 * pad:  # a column label wider than its tile is drawn smaller, not over its neighbour
+        column_font = ImageFont.load_default(size=max(1, label_px(tile) * (tile - 2 * pad) // widest))
+    else:
+        column_font = font
+    top = 2 * line
     canvas = Image.new("RGB", (left + tile * len(col_labels), top + tile * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 2), title, fill="black", font=font)
+    draw.rectangle((0, 0, canvas.width - 1, top - 1), fill=(224, 224, 224))  # the header band
+    draw.rectangle((0, top, left - 1, canvas.height - 1), fill=(240, 240, 240))  # the row labels' band
+    draw.text((pad, pad), title, fill="black", font=font)
     for c, text in enumerate(col_labels):
-        draw.text((left + c * tile + 2, line + 2), text, fill="black", font=font)
+        draw.text((left + c * tile + pad, line + pad), text, fill="black", font=column_font)
     for r, (row, text) in enumerate(zip(rows, row_labels)):
-        draw.text((4, top + r * tile + tile // 2 - line // 2), text, fill="black", font=font)
+        draw.text((pad, top + r * tile + tile // 2 - line // 2 + pad), text, fill="black", font=font)
         for c, cell in enumerate(row):
             canvas.paste(Image.fromarray(_square(cell, tile)), (left + c * tile, top + r * tile))
     return np.asarray(canvas)
@@ -398,7 +418,8 @@ class Previews(pl.Callback):
             [f"{p.identity.label} p{p.prompt_index:02d} s{p.seed}" for p in previews], columns, f"step {step}",
             tile)).save(folder / "grid.png")
         metrics = _summarise(scores)
-        (folder / "scores.json").write_text(json.dumps({"step": step, **metrics, "previews": scores}, indent=1))
+        written = {k: v if math.isfinite(v) else None for k, v in metrics.items()}  # JSON has no NaN
+        (folder / "scores.json").write_text(json.dumps({"step": step, **written, "previews": scores}, indent=1))
         for identity in self.identities:
             mine = [p for p in previews if p.identity is identity]
             grid = labelled_grid([[p.identity.face, p.identity.crop, p.adapter, p.base] for p in mine],
@@ -425,13 +446,13 @@ class Previews(pl.Callback):
 
 
 def _summarise(scores: list[dict]) -> dict[str, float]:
-    """The logged scalars: detect rate and mean similarity (over found faces) with and without the adapter."""
+    """The logged scalars: detect rate and mean similarity (over found faces; NaN if none) with and without the
+    adapter. None at all when no face model ran."""
     metrics = {}
     for kind, suffix in (("adapter", ""), ("base", "_base")):
         if not scores or kind not in scores[0]:
             continue
         found = [s[kind] for s in scores if s[kind] is not None]
         metrics[f"preview/face_detect_rate{suffix}"] = len(found) / len(scores)
-        if found:
-            metrics[f"preview/face_similarity{suffix}"] = float(np.mean(found))
+        metrics[f"preview/face_similarity{suffix}"] = float(np.mean(found)) if found else math.nan
     return metrics

@@ -1,14 +1,25 @@
-"""A TensorBoard custom-scalars layout: FAIR and gate values grouped by UNet depth."""
+"""A TensorBoard custom-scalars layout: FAIR and gate values grouped by UNet depth.
+
+The module logs each adapter site under its short name (``gate_attn/down1.a0.b0``, ``models.unet_layout.
+site_name``); this layout charts the sites of one depth (``res1_down``: ``unet_layout.depth_tag``) together.
+"""
 
 from __future__ import annotations
+
+import re
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from ..models.unet_layout import site_name
 
-def scalars_layout(depths: list[str]) -> dict:
-    """The ``SummaryWriter.add_custom_scalars`` layout for the module's tags (``fair/<depth>/<block>`` ...)."""
-    ordered = list(dict.fromkeys(depths))
+
+def scalars_layout(depths: dict[str, str]) -> dict:
+    """The ``SummaryWriter.add_custom_scalars`` layout for the module's tags (``fair/<site>`` ...), from
+    ``{site path: depth tag}`` (the module's ``depth``): one chart per depth, in the order given."""
+    groups: dict[str, list[str]] = {}
+    for path, depth in depths.items():
+        groups.setdefault(depth, []).append(re.escape(site_name(path)))
     layout = {
         "training": {
             "loss": ["Multiline", ["train/loss", "train/diffusion", "val/loss"]],
@@ -19,7 +30,8 @@ def scalars_layout(depths: list[str]) -> dict:
     }
     for category, prefix in (("FAIR by depth", "fair"), ("gate tanh(g_attn) by depth", "gate_attn"),
                              ("gate tanh(g_ff) by depth", "gate_ff")):
-        layout[category] = {depth: ["Multiline", [f"{prefix}/{depth}/.*"]] for depth in ordered}
+        layout[category] = {depth: ["Multiline", [f"^{prefix}/(?:{'|'.join(names)})$"]]
+                            for depth, names in groups.items()}
     return layout
 
 
@@ -29,7 +41,7 @@ class TensorBoardLayout(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero or not hasattr(pl_module, "depth"):
             return
-        layout = scalars_layout(list(pl_module.depth.values()))
+        layout = scalars_layout(dict(pl_module.depth))
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_custom_scalars(layout)

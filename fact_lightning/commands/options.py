@@ -13,6 +13,7 @@ has no range, so no new option can skip the check.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -23,11 +24,9 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from fact_lightning.checks import FRACTION, PIXELS, SEED, Range, check_template, count, number
-from fact_lightning.inference.generator import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_STEPS,
-                                                INPAINT_ADAPTER_SCALE, INPAINT_GUIDANCE)
-from fact_lightning.inference.pipelines import DEFAULT_SCHEDULER, SCHEDULERS
 from fact_lightning.inference.prompts import PLACEHOLDERS
-from fact_lightning.models.sfags import INFERENCE_ADAPTER_SCALE
+from fact_lightning.inference.recipe import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SCHEDULER, DEFAULT_STEPS,
+                                             INFERENCE_ADAPTER_SCALE, INPAINT_ADAPTER_SCALE, SCHEDULERS)
 
 WEIGHTS, SAMPLING = "Weights", "Sampling"
 ADAPTER_SCALE = number(0.0, 10.0)
@@ -66,8 +65,15 @@ def check_numbers(obj) -> None:
             range_.check(item, "--" + f.name.replace("_", "-"))
 
 
-def command(fn):
-    """Lets Typer read ``fn(opts: SomeOptions, ...)``: each dataclass parameter becomes its fields' options."""
+def command(fn=None, *, notes: dict[str, str] | None = None):
+    """Lets Typer read ``fn(opts: SomeOptions, ...)``: each dataclass parameter becomes its fields' options.
+
+    ``notes``: a sentence added to an option's help in this command only (``@command(notes={field: text})``),
+    for what holds in one command alone, such as fact-generate's inpainting defaults.
+    """
+    if fn is None:
+        return functools.partial(command, notes=notes)
+    notes = dict(notes or {})
     hints = typing.get_type_hints(fn)
     groups = {name: cls for name, cls in hints.items() if name != "return" and dataclasses.is_dataclass(cls)}
     params, owner = [], {}
@@ -82,8 +88,13 @@ def command(fn):
             owner[f.name] = cls.__name__
             default = f.default if f.default is not dataclasses.MISSING else \
                 f.default_factory() if f.default_factory is not dataclasses.MISSING else inspect.Parameter.empty
+            annotation = field_hints[f.name]
+            if f.name in notes:
+                annotation = _with_note(annotation, notes.pop(f.name))
             params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                            annotation=field_hints[f.name]))
+                                            annotation=annotation))
+    if notes:
+        raise TypeError(f"notes for options {sorted(notes)} that {fn.__name__} does not have")
 
     @functools.wraps(fn)
     def wrapper(**values):
@@ -94,6 +105,15 @@ def command(fn):
     wrapper.__signature__ = inspect.Signature(params)
     wrapper.__annotations__ = {p.name: p.annotation for p in params}
     return wrapper
+
+
+def _with_note(annotation, note: str):
+    """``Annotated[T, typer.Option(help=h)]`` as ``Annotated[T, typer.Option(help=h + note)]`` (a copy)."""
+    info = _option_info(annotation)
+    noted = copy.copy(info)
+    noted.help = f"{info.help} {note}" if info.help else note
+    base, *metadata = typing.get_args(annotation)
+    return Annotated[(base, *(noted if m is info else m for m in metadata))]
 
 
 def help_text(doc: str) -> str:
@@ -132,7 +152,7 @@ class WeightOptions:
 
     base: Annotated[Optional[str], typer.Option(
         metavar="DIR|HUB_ID", rich_help_panel=WEIGHTS,
-        help="SD1.5-style diffusers folder or hub id (an inpainting model with --template).")] = None
+        help="SD1.5-style diffusers folder or hub id.")] = None
     adapter: Annotated[Optional[Path], typer.Option(
         metavar="FILE", rich_help_panel=WEIGHTS,
         help="FACT adapter: our .safetensors export or the official FACT torch file.")] = None
@@ -204,14 +224,14 @@ class SamplingOptions:
         count(1, 10_000), metavar="INT", rich_help_panel=SAMPLING, help="Images per prompt and seed.")] = 1
     adapter_scale: Annotated[Optional[float], numeric(
         ADAPTER_SCALE, metavar="FLOAT", rich_help_panel=SAMPLING, show_default=False,
-        help=f"Adapter scale a of Eq. 2 (0: the base model); default {INFERENCE_ADAPTER_SCALE}, "
-             f"{INPAINT_ADAPTER_SCALE} with --template (the official apps').")] = None
+        help=f"Adapter scale a of Eq. 2 (0: the base model); default {INFERENCE_ADAPTER_SCALE}, the official "
+             "app's.")] = None
     # the old name of --adapter-scale
     scale: Annotated[Optional[float], numeric(ADAPTER_SCALE, "--scale", hidden=True)] = None
     guidance_scale: Annotated[Optional[float], numeric(
         number(0.0, 100.0), metavar="FLOAT", rich_help_panel=SAMPLING, show_default=False,
         help=f"diffusers' guidance_scale; the paper's 'CFG 7.0' is passed as 7.0, as the official code "
-             f"does (default {DEFAULT_GUIDANCE}; {INPAINT_GUIDANCE} with --template).")] = None
+             f"does (default {DEFAULT_GUIDANCE}).")] = None
     text_only_guidance: Annotated[bool, flag(
         "--text-only-guidance", SAMPLING,
         "Both guidance branches carry the face (official cfg_face=False); by default the negative "

@@ -87,10 +87,10 @@ def evaluate(opts: EvaluateOptions, weights: WeightOptions, sampling: SamplingOp
     import numpy as np
     from torch.utils.tensorboard import SummaryWriter
 
-    from fact_lightning.inference.generator import DEFAULT_GUIDANCE
+    from fact_lightning.inference.recipe import DEFAULT_GUIDANCE
     from fact_lightning.inference.loading import load_detector, load_generator
     from fact_lightning.inference.outputs import OutputFolder
-    from fact_lightning.models.base import MissingWeightsError
+    from fact_lightning.weights import MissingWeightsError
     from fact_lightning.tiny import tiny_clip
 
     from .clip import ClipScorer, clip_i, clip_t
@@ -120,7 +120,7 @@ def evaluate(opts: EvaluateOptions, weights: WeightOptions, sampling: SamplingOp
 
     per_identity, all_adapter, all_base, all_prompts = {}, [], [], []
     with output, progress() as bar:
-        task = bar.add_task("image pairs", total=len(references) * len(prompts) * len(seeds))
+        task = bar.add_task("image pairs", total=len(references) * len(prompts) * len(seeds), unit="image pair")
         for name, (photos, faces) in references.items():
             identity = generator.encode_references(faces, aligned=True)
             adapter_imgs, base_imgs, used_prompts = [], [], []

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fact_lightning.models.base import MissingWeightsError, resolve_source
+from fact_lightning.weights import MissingWeightsError, resolve_source
 
 log = logging.getLogger(__name__)
 

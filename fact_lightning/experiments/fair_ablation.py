@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate
 
+from ..commands.console import quiet_library_noise
 from ..training import losses
 from ..data.datamodule import FactDataModule
 from ..models.resampler import TINY_RESAMPLER
@@ -110,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fair-denominator", choices=losses.FAIR_DENOMINATORS, default="live")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    quiet_library_noise()  # what fact-train drops: advertising, warnings about states that are intended
     result = run(args.out, args.data, args.steps, args.fair_weight, args.seed, args.lr,
                  fair_denominator=args.fair_denominator)
     for name, r in result["runs"].items():

@@ -20,6 +20,7 @@ from fact_lightning.commands.cli_errors import guarded, run_app
 from fact_lightning.commands.console import native_noise_filtered, out_console, progress, setup_logging
 from fact_lightning.commands.options import (OVERWRITE_HELP, SamplingOptions, WeightOptions, check_numbers, command,
                                              flag, help_text, numeric)
+from fact_lightning.inference.recipe import INPAINT_ADAPTER_SCALE, INPAINT_GUIDANCE
 
 REFERENCE, INPAINT, CONTROL = "Reference photos and output", "Inpainting portrait mode", "ControlNet"
 
@@ -111,7 +112,7 @@ def generate(opts: GenerateOptions, weights: WeightOptions, sampling: SamplingOp
     from PIL import Image
 
     from fact_lightning.faces.reference import NoFaceError, face_region_mask
-    from fact_lightning.inference.generator import recipe_defaults
+    from fact_lightning.inference.recipe import recipe_defaults
     from fact_lightning.inference.loading import load_detector, load_generator
     from fact_lightning.inference.outputs import OutputFolder, read_image
 
@@ -152,7 +153,8 @@ def generate(opts: GenerateOptions, weights: WeightOptions, sampling: SamplingOp
                 Image.fromarray(face).save(output.path(f"references/ref_{i:02d}.png"))
         if mode == "inpaint":
             extra["mask_image"].save(output.path("mask.png"))
-        task = bar.add_task("images", total=len(prompts) * len(sampling.seeds) * sampling.num_images)
+        task = bar.add_task("images", total=len(prompts) * len(sampling.seeds) * sampling.num_images,
+                            unit="image")
         for p, prompt in enumerate(prompts):
             for seed in sampling.seeds:
                 images = generator(prompt, identity, seed=seed, num_images=sampling.num_images, **call, **extra)
@@ -187,9 +189,17 @@ HELP = help_text("""
 """)
 
 
+# What holds in fact-generate alone: the inpainting portrait mode's defaults (the official inpainting app's).
+INPAINT_NOTES = {
+    "base": "An inpainting model with --template.",
+    "adapter_scale": f"With --template: {INPAINT_ADAPTER_SCALE}, the official inpainting app's.",
+    "guidance_scale": f"With --template: default {INPAINT_GUIDANCE}.",
+}
+
+
 @app.command(help=HELP)
 @guarded
-@command
+@command(notes=INPAINT_NOTES)
 def generate_command(opts: GenerateOptions, weights: WeightOptions, sampling: SamplingOptions) -> None:
     setup_logging(opts.verbose, tiny=weights.tiny)
     settings = generate(opts, weights, sampling)

@@ -25,32 +25,11 @@ import torch
 from PIL import Image
 
 from fact_lightning.models.injection import FaceAdapter
-from fact_lightning.models.sfags import INFERENCE_ADAPTER_SCALE
 
-from .pipelines import DEFAULT_SCHEDULER, build_pipeline, load_lora
+from .pipelines import build_pipeline, load_lora
+from .recipe import DEFAULT_NEGATIVE_PROMPT, DEFAULT_SCHEDULER, DEFAULT_STEPS, recipe_defaults
 
 log = logging.getLogger(__name__)
-
-# The official apps' settings (facechain inference_fact.py / inference_inpaint_fact.py); the text-to-image
-# adapter scale is models.sfags.INFERENCE_ADAPTER_SCALE (0.5).
-DEFAULT_GUIDANCE = 7.0  # text-to-image (and ControlNet): the paper's "CFG 7.0", passed as guidance_scale
-INPAINT_GUIDANCE = 5.0  # the inpainting app
-INPAINT_ADAPTER_SCALE = 0.55  # the inpainting app's inpainting stage (its pose stage uses 0.5)
-INPAINT_STRENGTH = 0.6  # the inpainting app's inpainting pass (its refinement passes use 0.1 and 0.025)
-DEFAULT_STEPS = 50
-# Not the apps' negative prompt: it is the fallback of the official FaceAdapter_v1.generate when a caller gives
-# none. The text-to-image app passes an empty one by default, the web app a long list of its own (with A1111
-# "(word:1.4)" weights that stock diffusers does not parse). We keep the fallback as our default.
-DEFAULT_NEGATIVE_PROMPT = "monochrome, lowres, bad anatomy, worst quality, low quality"
-
-
-def recipe_defaults(inpaint: bool) -> dict:
-    """The official app's adapter scale, guidance and (inpainting only) strength for a mode."""
-    if inpaint:
-        return {"adapter_scale": INPAINT_ADAPTER_SCALE, "guidance_scale": INPAINT_GUIDANCE,
-                "strength": INPAINT_STRENGTH}
-    return {"adapter_scale": INFERENCE_ADAPTER_SCALE, "guidance_scale": DEFAULT_GUIDANCE, "strength": None}
-
 
 @dataclass(frozen=True)
 class IdentityCondition:

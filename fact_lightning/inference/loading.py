@@ -11,10 +11,12 @@ from pathlib import Path
 
 import torch
 
-from fact_lightning.models.base import MissingWeightsError
+from fact_lightning.models.base import base_model_files
+from fact_lightning.weights import MissingWeightsError
+from fact_lightning.weights import Needed, check_source, raise_if_missing
 
 from .generator import FacePortraitGenerator
-from .pipelines import DEFAULT_SCHEDULER
+from .recipe import DEFAULT_SCHEDULER
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +66,38 @@ class GeneratorSources:
         return {k: (list(map(list, v)) if k == "loras" else v) for k, v in self.__dict__.items()}
 
 
+CONTROLNET_FILES = (Needed("config.json"), Needed("diffusion_pytorch_model.safetensors",
+                                                   ("diffusion_pytorch_model.bin",)))
+
+
+def weight_problems(src: GeneratorSources) -> list[str]:
+    """What :func:`load_generator` would not find, each named with its option, checked without loading anything:
+    the base model's files (for a hub id: in the local cache, or whether a download is possible now), the
+    TransFace file, the adapter file, the ControlNet's files and each LoRA."""
+    problems = []
+    if not src.tiny:
+        base = check_source(src.base, "base model folder", base_model_files(), local_files_only=src.local_files_only,
+                            option="--base")
+        problems += [base.problem] if base.problem else []
+        weights = Path(src.face_encoder).expanduser()
+        if not weights.is_file():
+            problems.append(f"TransFace weights not found: {weights} (--face-encoder, the official "
+                            "ms1mv2_model_TransFace_S.pt)")
+    if src.adapter:
+        path = Path(src.adapter).expanduser()
+        if not path.is_file():
+            what = "is a directory, not an adapter file" if path.is_dir() else "not found"
+            problems.append(f"adapter file {what}: {path} (--adapter: our .safetensors export or the official FACT file)")
+    if src.mode == "controlnet" and not (src.tiny and src.controlnet == TINY):
+        controlnet = check_source(src.controlnet, "ControlNet folder", CONTROLNET_FILES,
+                                  local_files_only=src.local_files_only, option="--controlnet")
+        problems += [controlnet.problem] if controlnet.problem else []
+    for path, _ in src.loras:
+        lora = check_source(path, "LoRA file")  # a file, a folder or a hub id: its files are the loader's to find
+        problems += [lora.problem] if lora.problem else []
+    return problems
+
+
 def load_detector(src: GeneratorSources):
     """The face detector of ``src``, started (``start_detector``): its start-up (native threads and what they
     log) is over when this returns. Cheap next to the models: commands check the reference photos with it
@@ -76,7 +110,8 @@ def load_detector(src: GeneratorSources):
 
 def load_generator(src: GeneratorSources, detector=None) -> FacePortraitGenerator:
     """Loads (or, with ``tiny``, builds) every part and returns the generator. Nothing is downloaded unless
-    a hub id was given and ``local_files_only`` is off. ``detector``: one made by :func:`load_detector`."""
+    a hub id was given and a download is possible. Every weight file is checked first (:func:`weight_problems`):
+    one error names all that are missing. ``detector``: one made by :func:`load_detector`."""
     from fact_lightning.models.adapter_io import load_adapter
     from fact_lightning.interop.official import load_encoder
     from fact_lightning.models.base import load_base_model
@@ -84,6 +119,7 @@ def load_generator(src: GeneratorSources, detector=None) -> FacePortraitGenerato
 
     from .pipelines import load_controlnet
 
+    raise_if_missing(weight_problems(src))
     dtype = getattr(torch, src.dtype)
     if src.tiny:
         base = tiny_base_model(src.seed)
@@ -91,18 +127,11 @@ def load_generator(src: GeneratorSources, detector=None) -> FacePortraitGenerato
             base.unet = tiny_inpaint_unet(base, src.seed)
         encoder, _ = load_encoder("tiny", None, allow_random=True)
     else:
-        base = load_base_model(src.base, dtype=dtype, local_files_only=src.local_files_only)
-        weights = Path(src.face_encoder).expanduser()
-        if not weights.is_file():
-            raise MissingWeightsError(f"TransFace weights not found: {weights} (the official ms1mv2_model_TransFace_S.pt)")
-        encoder, _ = load_encoder(src.face_encoder_variant, weights, allow_random=False)
+        base = load_base_model(src.base, dtype=dtype, local_files_only=src.local_files_only, option="--base")
+        encoder, _ = load_encoder(src.face_encoder_variant, Path(src.face_encoder).expanduser(), allow_random=False)
 
     if src.adapter:
-        path = Path(src.adapter).expanduser()
-        if not path.is_file():
-            what = "is a directory, not an adapter file" if path.is_dir() else "not found"
-            raise MissingWeightsError(f"adapter file {what}: {path} (our .safetensors export or the official FACT file)")
-        adapter = load_adapter(path, base.unet)  # refuses non-finite weights
+        adapter = load_adapter(Path(src.adapter).expanduser(), base.unet)  # refuses non-finite weights
     else:  # tiny without an adapter file: a seeded random one, gates opened so that it acts
         adapter = random_tiny_adapter(base.unet, src.seed)
 

@@ -12,13 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fact_lightning.models.base import BaseModel, MissingWeightsError, resolve_source
+from fact_lightning.models.base import BaseModel
+from fact_lightning.weights import MissingWeightsError, resolve_source
+
+from .recipe import DEFAULT_SCHEDULER, SCHEDULERS
 
 log = logging.getLogger(__name__)
 
 MODES = ("txt2img", "inpaint", "controlnet")
-SCHEDULERS = ("pndm", "ddim", "dpmsolver", "euler")
-DEFAULT_SCHEDULER = "pndm"  # SD1.5's own scheduler, the one the official FACT apps sample with
 
 
 def inference_scheduler(base: BaseModel, name: str = DEFAULT_SCHEDULER):

@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..weights import MissingWeightsError, Needed, check_source
 
 log = logging.getLogger(__name__)
-
-SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
 @dataclass
@@ -43,43 +42,25 @@ class BaseModel:
         self.noise_scheduler.save_pretrained(folder / "scheduler")
 
 
-class MissingWeightsError(FileNotFoundError):
-    """Weights are not where the user said they are (a missing local path, an unreachable hub id)."""
+def base_model_files(variant: str | None = None) -> list[Needed]:
+    """Every file :func:`load_base_model` reads from an SD1.5-style diffusers folder (``model_index.json`` and the
+    safety checker are not read). A ``.bin`` or a sharded index serves for a ``.safetensors`` file, and a
+    ``tokenizer.json`` (what transformers 5 writes) for ``vocab.json`` and ``merges.txt`` (what SD1.5 ships)."""
+    v = f".{variant}" if variant else ""
 
+    def diffusers_weights(sub: str) -> Needed:
+        stem = f"{sub}/diffusion_pytorch_model"
+        return Needed(f"{stem}{v}.safetensors", (f"{stem}{v}.bin", f"{stem}.safetensors.index{v}.json",
+                                                 f"{stem}.bin.index{v}.json"))
 
-# A name ending like a weights file is a local file, never a hub repository id.
-_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-
-
-@dataclass(frozen=True)
-class WeightsSource:
-    """Where ``from_pretrained`` reads weights: ``location`` is a local path (``local``) or a hub id."""
-
-    location: str
-    local: bool
-
-
-def resolve_source(source: str | Path, what: str) -> WeightsSource:
-    """Decides, in one place for every loader, whether ``source`` is a local path or a hub id.
-
-    An existing path (``~`` expanded) is local. Otherwise a valid hub repository id (``owner/name`` or
-    ``name``, checked by ``huggingface_hub.utils.validate_repo_id``) that does not end like a weights file
-    is a hub id; it is fetched only if the network and ``local_files_only`` allow. Anything else is a
-    local path that does not exist: :class:`MissingWeightsError` naming ``what`` and the path.
-    """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    text = str(source)
-    local = Path(text).expanduser()
-    if text and local.exists():
-        return WeightsSource(str(local), True)
-    if not text.lower().endswith(_FILE_SUFFIXES):
-        try:
-            validate_repo_id(text)
-            return WeightsSource(text, False)
-        except HFValidationError:
-            pass
-    raise MissingWeightsError(f"{what} {local} does not exist (neither a local path nor a hub id)")
+    text_weights = Needed(f"text_encoder/model{v}.safetensors", (
+        f"text_encoder/pytorch_model{v}.bin", f"text_encoder/model.safetensors.index{v}.json",
+        f"text_encoder/pytorch_model.bin.index{v}.json"))
+    fast = "tokenizer/tokenizer.json"
+    return [Needed("unet/config.json"), diffusers_weights("unet"), Needed("vae/config.json"), diffusers_weights("vae"),
+            Needed("text_encoder/config.json"), text_weights, Needed("tokenizer/vocab.json", (fast,)),
+            Needed("tokenizer/merges.txt", (fast,)), Needed("tokenizer/tokenizer_config.json"),
+            Needed("scheduler/scheduler_config.json")]
 
 
 def load_base_model(
@@ -89,24 +70,27 @@ def load_base_model(
     variant: str | None = None,
     dtype: torch.dtype | None = None,
     local_files_only: bool = False,
+    option: str | None = None,
 ) -> BaseModel:
     """Loads an SD1.5-style model (diffusers layout) from a local folder or a hub id, frozen.
 
-    A local folder must hold ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and ``scheduler/``;
-    anything missing is named in the error. A hub id is fetched by huggingface_hub only if the network
-    allows (and ``local_files_only`` is False).
+    Every file it reads is checked first (:func:`base_model_files`); anything missing is named in one error, with
+    ``option`` (the command's option for the base model) as the place to give a local folder. A hub id is fetched
+    by huggingface_hub only if a download is possible (the network answers, ``local_files_only`` is False and
+    ``HF_HUB_OFFLINE`` unset); fully cached, it loads from the cache when it is not.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    resolved = resolve_source(source, "base model folder")
-    source = resolved.location
-    if resolved.local:
-        missing = [f"{sub}/" for sub in SUBFOLDERS if not (Path(source) / sub).is_dir()]
-        if missing:
-            raise MissingWeightsError(f"base model folder {source} is missing {', '.join(missing)}")
+    located = check_source(source, "base model folder", base_model_files(variant), revision=revision,
+                           local_files_only=local_files_only, option=option)
+    if located.source is None:
+        raise MissingWeightsError(f"could not load the base model: {located.problem}")
+    source = located.source.location
+    if located.source.local:
+        revision = None  # a folder (or a cached snapshot) is one revision already
 
-    common = {"revision": revision, "local_files_only": local_files_only}
+    common = {"revision": revision, "local_files_only": local_files_only or located.source.local}
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, torch_dtype=dtype, **common)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, torch_dtype=dtype, **common)

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-# The adapter scale a of Eq. 2: 1.0 while training (the paper), 0.5 at inference (the official apps).
+# The adapter scale a of Eq. 2 while training (the paper); at inference the official apps use 0.5
+# (inference.recipe.INFERENCE_ADAPTER_SCALE).
 TRAINING_ADAPTER_SCALE = 1.0
-INFERENCE_ADAPTER_SCALE = 0.5
 
 
 @dataclass

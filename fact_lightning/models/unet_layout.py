@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -29,6 +30,11 @@ class BlockSite:
     def stage(self) -> str:
         """Where in the UNet the block sits: ``down``, ``mid`` or ``up``."""
         return {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}[self.path.split(".", 1)[0]]
+
+    @property
+    def name(self) -> str:
+        """The short name dashboards show, e.g. ``down1.a0.b0`` (:func:`site_name`)."""
+        return site_name(self.path)
 
     @property
     def official_processor(self) -> str:
@@ -67,3 +73,32 @@ def depth_tag(site: BlockSite, unet_config) -> str:
     index = int(site.path.split(".")[1])
     level = index if site.stage == "down" else levels - 1 - index
     return f"res{level}_{site.stage}"
+
+
+# A site's module path and its short name: the UNet part (down/up with its block index, or mid), the attention
+# (Transformer2DModel) within it, the BasicTransformerBlock within that.
+_SITE_PATH = re.compile(r"(?:(down|up)_blocks\.(\d+)|(mid)_block)\.attentions\.(\d+)\.transformer_blocks\.(\d+)")
+_SITE_NAME = re.compile(r"(?:(down|up)(\d+)|(mid))\.a(\d+)\.b(\d+)")
+
+
+def site_name(path: str) -> str:
+    """The short name of an adapter site, for dashboards: ``down_blocks.1.attentions.0.transformer_blocks.0`` ->
+    ``down1.a0.b0``, ``mid_block.attentions.0.transformer_blocks.0`` -> ``mid.a0.b0``, ``up_blocks.3.attentions.2.
+    transformer_blocks.0`` -> ``up3.a2.b0`` (block indices are diffusers': ``up1`` is the lowest-resolution up
+    block with attention in SD1.5). A path of another shape is returned as it is. :func:`site_path` inverts it.
+    """
+    match = _SITE_PATH.fullmatch(path)
+    if match is None:
+        return path
+    stage, block, mid, attention, transformer = match.groups()
+    return f"{mid or stage + block}.a{attention}.b{transformer}"
+
+
+def site_path(name: str) -> str:
+    """The module path of a :func:`site_name` (``up3.a2.b0`` -> ``up_blocks.3.attentions.2.transformer_blocks.0``)."""
+    match = _SITE_NAME.fullmatch(name)
+    if match is None:
+        return name
+    stage, block, mid, attention, transformer = match.groups()
+    part = "mid_block" if mid else f"{stage}_blocks.{block}"
+    return f"{part}.attentions.{attention}.transformer_blocks.{transformer}"

@@ -1,7 +1,7 @@
 """Which frozen SD1.5 parts to train on, as small typed objects that LightningCLI builds from ``class_path``.
 
 A spec only describes; ``build()`` loads or creates the weights (in ``configure_model``, never at import
-or in a constructor).
+or in a constructor); ``weight_problems()`` says, without loading anything, what ``build()`` would miss.
 """
 
 from __future__ import annotations
@@ -11,20 +11,25 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..models.base import BaseModel, load_base_model
+from ..models.base import BaseModel, base_model_files, load_base_model
 from ..tiny import tiny_base_model
+from ..weights import check_source
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 FrozenDtype = Literal["float32", "bfloat16", "float16"]
 
 
 class BaseModelSpec:
-    """Interface: ``build() -> BaseModel`` (frozen), ``describe() -> str`` for adapter metadata, and
+    """Interface: ``build() -> BaseModel`` (frozen), ``describe() -> str`` for adapter metadata,
     ``describe_vae() -> str``: the VAE's name as ``fact-data --vae`` records it (``manifest["vae"]["name"]``),
-    which training compares with the shards' cached latents."""
+    which training compares with the shards' cached latents, and ``weight_problems() -> list[str]``: what
+    ``build()`` would not find (``fact-train`` names them all before anything loads)."""
 
     def build(self) -> BaseModel:
         raise NotImplementedError
+
+    def weight_problems(self) -> list[str]:
+        return []
 
     def describe(self) -> str:
         raise NotImplementedError
@@ -40,6 +45,8 @@ class PretrainedBase(BaseModelSpec):
         source: a folder holding unet/, vae/, text_encoder/, tokenizer/, scheduler/, or a hub id.
         frozen_dtype: dtype of the frozen weights (bfloat16 halves their memory; the adapter stays float32).
     """
+
+    OPTION = "model.base.init_args.source"  # where fact-train's config names the source
 
     def __init__(
         self,
@@ -58,8 +65,15 @@ class PretrainedBase(BaseModelSpec):
     def build(self) -> BaseModel:
         return load_base_model(
             self.source, revision=self.revision, variant=self.variant, dtype=_DTYPES[self.frozen_dtype],
-            local_files_only=self.local_files_only,
+            local_files_only=self.local_files_only, option=self.OPTION,
         )
+
+    def weight_problems(self) -> list[str]:
+        """The files of ``source`` that loading would miss (a local folder's, or a hub id's that is neither cached
+        nor downloadable now), as one sentence; no weights are read."""
+        located = check_source(self.source, "base model folder", base_model_files(self.variant),
+                               revision=self.revision, local_files_only=self.local_files_only, option=self.OPTION)
+        return [] if located.problem is None else [located.problem]
 
     def describe(self) -> str:
         return self.source if self.revision is None else f"{self.source}@{self.revision}"

@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..models.injection import FaceAdapter, mark_only_adapter_trainable
 from ..models.resampler import ResamplerConfig
 from ..models.sfags import TRAINING_ADAPTER_SCALE
-from ..models.unet_layout import depth_tag
+from ..models.unet_layout import depth_tag, site_name
 from .base_spec import BaseModelSpec
 from .nonfinite import NonFiniteTracker, TrainingDiverged
 
@@ -364,11 +364,12 @@ class FactModule(pl.LightningModule):
             self.log(f"conditions/{name}", value, batch_size=size)
         if "data_errors" in batch:
             self.log("data/skipped_in_batch_worker", batch["data_errors"].max().float(), batch_size=size)
+        # Per site under its short name (``fair/down1.a0.b0``): whole in TensorBoard's card titles.
         for path, value in out["fair"].items():
-            self.log(f"fair/{self.depth[path]}/{path}", value, batch_size=size)
+            self.log(f"fair/{site_name(path)}", value, batch_size=size)
         for path, (attn, ff) in self.gate_values().items():
-            self.log(f"gate_attn/{self.depth[path]}/{path}", attn, batch_size=size)
-            self.log(f"gate_ff/{self.depth[path]}/{path}", ff, batch_size=size)
+            self.log(f"gate_attn/{site_name(path)}", attn, batch_size=size)
+            self.log(f"gate_ff/{site_name(path)}", ff, batch_size=size)
         batches = self.trainer.fit_loop.epoch_loop._batches_that_stepped
         now = time.perf_counter()
         if self._throughput is not None and batches > self._throughput[1]:

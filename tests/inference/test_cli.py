@@ -3,12 +3,13 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from fact_lightning.models.adapter_io import save_adapter
 from fact_lightning.inference import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT
-from fact_lightning.models.sfags import INFERENCE_ADAPTER_SCALE
+from fact_lightning.inference.recipe import INFERENCE_ADAPTER_SCALE
 from fact_lightning.tiny import random_tiny_adapter, tiny_base_model
 from tests.inference.cli_runner import NOISE, assert_one_error, run_cli
 from tests.inference.conftest import FACES
@@ -19,6 +20,7 @@ BIDEN = sorted((FACES / "fr_biden").iterdir())
 FAST = ["--tiny", "--prompt", "a photo of {subject}", "--steps", "2", "--height", "64", "--width", "64"]
 
 
+@pytest.mark.slow
 def test_generates_with_the_official_defaults_and_a_negative_prompt(tmp_path):
     adapter_file = save_adapter(random_tiny_adapter(tiny_base_model(0).unet), tmp_path / "adapter.safetensors")
     prompts = tmp_path / "prompts.txt"
@@ -44,6 +46,7 @@ def test_generates_with_the_official_defaults_and_a_negative_prompt(tmp_path):
     assert result.stderr.count("RANDOM") == 1 and "images" in result.stderr
 
 
+@pytest.mark.slow
 def test_default_negative_prompt_and_options_of_the_official_generate(tmp_path):
     out = tmp_path / "out"
     result = run_cli("fact-generate", *FAST, "--reference", OBAMA[0], "--text-only-guidance", "--face-delay", "0.5",
@@ -55,6 +58,7 @@ def test_default_negative_prompt_and_options_of_the_official_generate(tmp_path):
     assert settings["adapter_scale"] == 0.3  # --scale: the hidden old name of --adapter-scale
 
 
+@pytest.mark.slow
 def test_inpainting_runs_the_official_inpainting_stage(tmp_path):
     """--template: guidance 5.0, adapter scale 0.55 and strength 0.6 by default, as settings.json records."""
     out = tmp_path / "out"
@@ -82,6 +86,7 @@ def test_help_reads_at_80_columns():
         assert "as 7.0" in result.stdout and "default 7.0" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_reference_fact_data_would_refuse_stops_unless_any_face(tmp_path):
     out = tmp_path / "out"
     for photo, reason in (("two_people.jpg", "several_faces"), ("partial_face.jpg", "face_cut_by_border")):
@@ -94,6 +99,7 @@ def test_a_reference_fact_data_would_refuse_stops_unless_any_face(tmp_path):
     assert json.loads((out / "settings.json").read_text())["any_face"] is True
 
 
+@pytest.mark.slow
 def test_missing_weights_fail_with_a_clear_message(tmp_path):
     ref = OBAMA[0]
     result = run_cli("fact-generate", "--reference", ref, "--prompt", "a", "--out", tmp_path / "o")
@@ -107,6 +113,7 @@ def test_missing_weights_fail_with_a_clear_message(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_faults_are_one_line_exit_2_and_leave_nothing(tmp_path):
     """Each fault: one `error:` line naming the file and the reason, exit 2, no output folder."""
     out = tmp_path / "out"

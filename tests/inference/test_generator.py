@@ -8,7 +8,7 @@ import torch
 from fact_lightning.inference import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, INPAINT_ADAPTER_SCALE,
                                       INPAINT_GUIDANCE, INPAINT_STRENGTH, FacePortraitGenerator)
 from fact_lightning.inference.pipelines import build_pipeline
-from fact_lightning.models.sfags import INFERENCE_ADAPTER_SCALE
+from fact_lightning.inference.recipe import INFERENCE_ADAPTER_SCALE
 from fact_lightning.tiny import tiny_inpaint_unet
 from tests.inference.conftest import FAST
 

@@ -3,7 +3,7 @@
 import pytest
 
 from fact_lightning.inference.outputs import OutputFolder, read_image
-from fact_lightning.models.base import MissingWeightsError, resolve_source
+from fact_lightning.weights import MissingWeightsError, resolve_source
 
 
 def test_a_source_is_a_local_path_or_a_hub_id(tmp_path):

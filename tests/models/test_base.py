@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fact_lightning.models.base import MissingWeightsError, load_base_model
+from fact_lightning.models.base import load_base_model
+from fact_lightning.weights import MissingWeightsError
 from fact_lightning.models.tokenizer import clip_tokenizer_from_open_clip
 
 

@@ -85,6 +85,7 @@ def _run_tags(get) -> tuple[str, dict]:
     return run, run_tags
 
 
+@pytest.mark.slow
 def test_one_run_one_folder(run_folder):
     assert list(run_folder.glob("events.out.tfevents.*"))  # events at the run folder's top: no version_N
     assert (run_folder / "config.yaml").is_file()
