@@ -34,7 +34,7 @@ NETWORK = "downloads from the network, which this test does not use"
 CLUSTER = "starts ranks on the nodes of a cluster (tests/training/test_multinode.py runs the by-hand launch " \
           "with two processes on one machine)"
 NOT_RUN = {
-    "make demo": "the whole demo (~3 min); its shard build runs here as the Makefile writes it, and its fit and "
+    "make demo": "the whole demo (~2.5 min); its shard build runs here as the Makefile writes it, and its fit and "
                  "generate steps are this README's tiny fact-train and fact-generate commands at a smaller size",
     "make test": "the test suite itself",
     'python3 -m venv .venv && .venv/bin/pip install -e ".[all,dev]"': "installs from the package registry "
