@@ -169,8 +169,8 @@ def test_every_readme_command_is_run_or_excepted_with_its_reason():
 
 
 def _venv() -> Path:
-    if sys.prefix == sys.base_prefix:
-        pytest.skip("the README commands need the venv they were installed in; run the tests from one")
+    """The venv README's set-up activates: the one running the tests (make test runs them from .venv)."""
+    assert sys.prefix != sys.base_prefix, "README's commands need the venv they were installed in: run the tests from it"
     return Path(sys.prefix)
 
 
