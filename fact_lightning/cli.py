@@ -139,11 +139,12 @@ class FactCLI(LightningCLI):
 
     def check_weights(self) -> None:
         """Every weight file this run would load, checked before anything loads: one error names all that are
-        missing (the base model's files, then each ``*weights`` file the config names)."""
+        missing (the base model's files, then each ``*weights`` file the config names, and ``model.init_adapter``)."""
         problems = list(self.model.base_spec.weight_problems())
         config = self.config[self.subcommand] if self.subcommand else self.config
-        problems += missing_files(named_weight_files(config))
+        problems += missing_files([*named_weight_files(config), ("model.init_adapter", self.model.hparams.init_adapter)])
         raise_if_missing(problems)
+        self.model.check_init_adapter()  # its sizes against the model's, before anything is written
 
     def before_fit(self) -> None:
         self.check_weights()

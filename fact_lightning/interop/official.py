@@ -24,7 +24,7 @@ from torch import nn
 from ..files import atomic_open, sha256_file
 from ..models.face_encoder import TransFaceConfig, TransFaceEncoder, build_transface, transface_config
 from ..models.injection import FaceAdapter
-from ..models.resampler import PerceiverResampler
+from ..models.resampler import PerceiverResampler, ResamplerConfig
 from ..models.unet_layout import transformer_block_sites
 
 log = logging.getLogger(__name__)
@@ -155,11 +155,30 @@ def load_fact_checkpoint(path: str | Path, unet: nn.Module, dim_head: int = 64) 
     block's norm2) replaces the UNet's norm2; the adapter remembers the file's values at the file's precision
     and exports those, even if the UNet runs in lower precision.
     """
+    config, state = read_fact_checkpoint(path, dim_head)
+    adapter = FaceAdapter(transformer_block_sites(unet), config)
+    load_fact_state(adapter, unet, state, path)
+    adapter.attach(unet)
+    return adapter.eval()
+
+
+def read_fact_checkpoint(path: str | Path, dim_head: int = 64) -> tuple[ResamplerConfig, dict[str, torch.Tensor]]:
+    """(the projection's sizes inferred from the file, with heads ``dim_head`` wide; the file's flat state dict)."""
     state = _read_torch_file(path, "FACT checkpoint")
     projection_state = {k[len(PROJECTION_PREFIX) :]: v for k, v in state.items() if k.startswith(PROJECTION_PREFIX)}
     if not projection_state:
         raise ValueError(f"FACT checkpoint {path} has no '{PROJECTION_PREFIX}*' keys (the face projection)")
-    adapter = FaceAdapter(transformer_block_sites(unet), PerceiverResampler.config_from_state_dict(projection_state, dim_head))
+    return PerceiverResampler.config_from_state_dict(projection_state, dim_head), state
+
+
+def official_processors(state: dict[str, torch.Tensor]) -> set[str]:
+    """The attn2 processor names (``<block>.attn2.processor``) an official state dict holds weights for."""
+    return {key[: key.find(PROCESSOR_INFIX) + len(PROCESSOR_INFIX) - 1] for key in state if PROCESSOR_INFIX in key}
+
+
+def load_fact_state(adapter: FaceAdapter, unet: nn.Module, state: dict[str, torch.Tensor], path: str | Path) -> None:
+    """Loads an official state dict into ``adapter`` (attached to ``unet`` or not) and, as the official code
+    does, its moved norms (``ln``) into ``unet``'s norm2; the adapter remembers them at the file's precision."""
     native, norms, ignored = official_to_native(state, adapter)
     try:
         result = adapter.load_state_dict(native, strict=False)
@@ -175,8 +194,6 @@ def load_fact_checkpoint(path: str | Path, unet: nn.Module, dim_head: int = 64) 
     _restore_moved_norms(unet, norms)
     for block_path, norm_state in norms.items():
         adapter.remember_base_norm2(block_path, norm_state)
-    adapter.attach(unet)
-    return adapter.eval()
 
 
 def _select_moved_norms(name: str, unet: nn.Module, adapter: FaceAdapter, norms: dict) -> tuple[dict, list[str], list[str]]:

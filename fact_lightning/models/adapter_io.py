@@ -85,6 +85,22 @@ def load_adapter(path: str | Path, unet: nn.Module | None = None) -> FaceAdapter
             raise
         return adapter
 
+    sites, config, state = read_adapter_state(path)
+    adapter = FaceAdapter(sites, config)
+    result = adapter.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"{path}: missing keys {result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]}")
+    check_finite(state, path)
+    if unet is not None:
+        if transformer_block_sites(unet) != sites:
+            raise ValueError(f"{path} was trained for another UNet layout ({len(sites)} blocks) than the one given")
+        adapter.attach(unet)
+    return adapter.eval()
+
+
+def read_adapter_state(path: str | Path) -> tuple[list[BlockSite], ResamplerConfig, dict[str, torch.Tensor]]:
+    """(block sites, projection sizes, state dict at the file's dtype) of one of our ``.safetensors`` files,
+    its format and version checked; the weights are not checked for finiteness here."""
     from safetensors.torch import load_file
 
     try:
@@ -98,14 +114,4 @@ def load_adapter(path: str | Path, unet: nn.Module | None = None) -> FaceAdapter
     if version > FORMAT_VERSION:
         raise ValueError(f"{path} has format version {version}; this fact-lightning reads up to {FORMAT_VERSION}")
     sites = [BlockSite(**s) for s in json.loads(meta["sites"])]
-    adapter = FaceAdapter(sites, ResamplerConfig(**json.loads(meta["projection"])))
-    result = adapter.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"{path}: missing keys {result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]}")
-    check_finite(state, path)
-    if unet is not None:
-        if transformer_block_sites(unet) != sites:
-            raise ValueError(f"{path} was trained for another UNet layout ({len(sites)} blocks) than the one given")
-        adapter.attach(unet)
-    return adapter.eval()
-
+    return sites, ResamplerConfig(**json.loads(meta["projection"])), state

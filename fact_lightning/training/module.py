@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Literal
 
 import lightning.pytorch as pl
@@ -25,11 +26,13 @@ from .conditioning import (ConditionProbabilities, FaceChoice, ShuffleSchedule, 
                             sample_generators)
 from ..checks import Range
 from ..errors import UserError
+from ..files import sha256_file
 from ..models.injection import FaceAdapter, mark_only_adapter_trainable
 from ..models.resampler import ResamplerConfig
 from ..models.sfags import TRAINING_ADAPTER_SCALE
 from ..models.unet_layout import depth_tag, site_name
 from .base_spec import BaseModelSpec
+from .init_adapter import check_init_adapter, load_init_adapter
 from .nonfinite import NonFiniteTracker, TrainingDiverged
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,9 @@ class FactModule(pl.LightningModule):
         channels_last: the frozen UNet and VAE in channels-last memory format (faster convolutions on GPUs).
         compile: ``torch.compile`` the UNet (the adapter inside it compiles with it).
         adapter_dtype: the trainable weights' dtype (float64 only for numerical checks on CPU).
+        init_adapter: start from these adapter weights (an official FACT ``.ckpt``/``.bin`` or one of our
+            ``adapter.safetensors``), checked against the model (``init_adapter.py``). Not a resume: the
+            optimizer, step and curriculum start fresh; its sha256 is recorded (``init_adapter_sha256``).
     """
 
     def __init__(
@@ -88,12 +94,17 @@ class FactModule(pl.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         adapter_dtype: Literal["float32", "float64"] = "float32",
+        init_adapter: str | None = None,
     ):
         super().__init__()
         # Plain values only: checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(ignore=["base", "optimizer", "lr_scheduler", "projection", "shuffle"])
         self.hparams["projection"] = projection.to_dict()
         self.hparams["shuffle"] = asdict(shuffle)
+        # The source's content, in every checkpoint's hyper_parameters and TensorBoard's hparams (config.yaml
+        # has the path). A missing file is named by fact-train's weights check, then by configure_model.
+        source = Path(init_adapter).expanduser() if init_adapter else None
+        self.hparams["init_adapter_sha256"] = sha256_file(source) if source and source.is_file() else None
         self.base_spec = base
         self.projection_config = projection
         self.shuffle_config = shuffle  # as configured; ``shuffle`` is the schedule in use (its ramp resolved)
@@ -128,6 +139,11 @@ class FactModule(pl.LightningModule):
         self.tokenizer, self.noise_scheduler = base.tokenizer, base.noise_scheduler
         self.adapter = FaceAdapter.for_unet(self.unet, self.projection_config)
         self.adapter.to(getattr(torch, self.hparams.adapter_dtype))
+        if self.hparams.init_adapter:
+            # After the cast (a float64 file stays exact in a float64 adapter; float16/32 files widen exactly)
+            # and before any sharding. On a resume Lightning restores the checkpoint's adapter after this: its
+            # weights win.
+            load_init_adapter(self.hparams.init_adapter, self.adapter, self.unet)
         mark_only_adapter_trainable(self.unet, self.adapter, self.vae, self.text_encoder)
         if self.hparams.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
@@ -146,6 +162,11 @@ class FactModule(pl.LightningModule):
             self.unet.compile()  # in place: the module, its paths and the adapter's hooks stay as they are
         log.info("adapter: %d blocks, %.2fM trainable parameters", len(self.adapter.sites),
                  sum(p.numel() for p in self.adapter.parameters()) / 1e6)
+
+    def check_init_adapter(self) -> None:
+        """``model.init_adapter``'s checks that need no built model (``fact-train`` runs them before writing)."""
+        if self.hparams.init_adapter:
+            check_init_adapter(self.hparams.init_adapter, self.projection_config)
 
     def train(self, mode: bool = True):
         super().train(mode)

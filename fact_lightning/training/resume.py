@@ -10,7 +10,12 @@ The policy, by option class:
   (:func:`apply_optimizer_settings`; with a scheduler, its base learning rate moves with ``lr``);
 * refused (:class:`ResumeRefused`): what fixes the adapter's tensors (``model.projection``,
   ``model.adapter_dtype``; the base model has its own check), another optimizer or LR scheduler class, a
-  scheduler added or removed, and any scheduler setting (its restored state would override it).
+  scheduler added or removed, and any scheduler setting (its restored state would override it);
+* ``model.init_adapter``: the same file (same sha256) resumes, under the same or another path (a moved file
+  is an applied change, logged); the checkpoint's adapter weights win, as Lightning restores them after
+  ``configure_model`` loaded the file. Another file's content, or the option added or removed, is refused:
+  an official file's ``ln`` replaces the frozen UNet's norm2, which checkpoints do not hold, so the resumed
+  run would train against other norms than the run it continues.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 REFUSED_MODEL_OPTIONS = ("projection", "adapter_dtype")  # they decide the adapter's tensors
+INIT_ADAPTER_CONTENT = "init_adapter_sha256"  # recorded by FactModule; the path alone may change
 # Scheduler state that is progress, not a setting (torch's LRScheduler, ReduceLROnPlateau, SequentialLR...).
 _SCHEDULER_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial",
                        "base_lrs", "verbose", "best", "num_bad_epochs", "cooldown_counter", "lr_lambdas"}
@@ -75,6 +81,11 @@ def refuse_model_changes(saved_hparams: dict, hparams: dict) -> list[Change]:
         if name.split(".")[1] in REFUSED_MODEL_OPTIONS:
             raise ResumeRefused(f"{name} is {new!r} but the checkpoint was trained with {old!r}: it fixes the "
                                 f"adapter's weights; {_NEW_RUN}")
+        if name.split(".")[1] == INIT_ADAPTER_CONTENT:
+            raise ResumeRefused(f"model.init_adapter {hparams.get('init_adapter')!r} (sha256 {new}) is not the file "
+                                f"the checkpoint started from ({saved_hparams.get('init_adapter')!r}, sha256 {old}): "
+                                "an official file's norms are part of the model; resume with that file, or start a new run "
+                                "(another trainer.default_root_dir)")
     return changes
 
 
