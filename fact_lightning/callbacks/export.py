@@ -2,8 +2,9 @@
 
 Every export folder (``step-000200/``, ``final/``) is assembled in a hidden staging folder and renamed into
 place whole, so a folder that is there is complete: a kill or a full disk during an export leaves the old
-folder or none. A fit that ends with nothing left to train (a resume at ``max_steps``) still writes the final
-export if no complete one of that step is there (the previous run was killed while writing it).
+folder or none. After each export the run folder's ``README.md``, a model card (:mod:`.model_card`), is
+rewritten atomically to name it. A fit that ends with nothing left to train (a resume at ``max_steps``) still
+writes the final export if no complete one of that step is there (the previous run was killed while writing it).
 
 Sizes at SD1.5 scale (255.5M trainable parameters): an adapter file is 511 MB in float16 (1.02 GB in float32);
 a full training checkpoint (float32 weights + Adam's two moments) is about 3.07 GB, so keep only the last few
@@ -26,6 +27,7 @@ from ..errors import UserError
 from ..files import assembled_folder, remove_staging, replace_path, staging_name, write_failure
 from ..models.adapter_io import nonfinite_tensors, read_adapter_metadata, save_adapter
 from ..models.injection import FaceAdapter
+from .model_card import CARD_NAME, gather_facts, render_card, write_card
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class AdapterExport(pl.Callback):
         self.final = final
         self.written: list[Path] = []
         self._folder = Path(dirpath) if dirpath else None
+        self._run: Path | None = None  # the run folder: its README.md is the model card
         self._exported: str | None = None  # this process's latest export (a step's top-k and last save: one)
 
     def _root(self, trainer: pl.Trainer) -> Path:
@@ -69,9 +72,12 @@ class AdapterExport(pl.Callback):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # trainer.log_dir is a broadcast: every rank must ask for it, so it is asked once here, not on rank 0 later.
-        self._folder = self._root(trainer)
-        if trainer.is_global_zero and self._folder.is_dir():
-            remove_staging(self._folder)  # what an export killed half-way left
+        self._run = Path(trainer.log_dir or trainer.default_root_dir)
+        self._folder = Path(self.dirpath) if self.dirpath else self._run / "adapters"
+        if trainer.is_global_zero:
+            for folder in (self._folder, self._run):  # what an export or a card write killed half-way left
+                if folder.is_dir():
+                    remove_staging(folder)
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         name = f"step-{trainer.global_step:06d}"
@@ -137,16 +143,23 @@ class AdapterExport(pl.Callback):
                 if official:
                     self._write_official(pl_module, adapter, staged / OFFICIAL_NAME)
         except Exception as exc:
-            failure = write_failure(exc)
-            if failure is None:
+            error = _write_error(exc, f"the adapter export {folder}", "nothing was written there")
+            if error is None:
                 raise
-            raise UserError(f"cannot write the adapter export {folder}: {failure.strerror or failure}; nothing was "
-                            "written there") from None
+            raise error from None
         self._exported = name
         self.written.append(folder / NATIVE_NAME)
         if official:
             self.written.append(folder / OFFICIAL_NAME)
         log.info("exported the adapter to %s", folder)
+        run = self._run or Path(trainer.default_root_dir)
+        try:
+            write_card(run, render_card(gather_facts(trainer, pl_module, run, folder / NATIVE_NAME)))
+        except Exception as exc:
+            error = _write_error(exc, f"the model card {run / CARD_NAME}", "the previous card is unchanged")
+            if error is None:
+                raise
+            raise error from None
         return folder / NATIVE_NAME
 
     @staticmethod
@@ -163,6 +176,12 @@ class AdapterExport(pl.Callback):
             if swapped:
                 adapter.detach()
                 pl_module.adapter.attach(pl_module.unet)
+
+
+def _write_error(exc: BaseException, what: str, outcome: str) -> UserError | None:
+    """One line for a write that failed on the disk (full, read-only ...); None for any other error."""
+    failure = write_failure(exc)
+    return None if failure is None else UserError(f"cannot write {what}: {failure.strerror or failure}; {outcome}")
 
 
 def _link(target: Path, link: Path) -> None:
