@@ -52,3 +52,25 @@ def test_recipes_follow_the_paper(path):
     assert config.model.shuffle.ramp_steps is None and config.trainer.max_steps > 0
     assert config.model.fair_denominator == "live"
     assert config.trainer.gradient_clip_val is None
+
+
+def test_the_recipe_warms_up_then_holds_the_papers_rate():
+    """sd15.yaml's scheduler, built as fact-train builds it (per optimizer step): 1e-6 at step 0, the paper's 1e-4
+    from step 500 on; `--model.lr_scheduler null` gives the paper's constant rate."""
+    import torch
+
+    config = parse_only("--config", str(CONFIGS[0].parent / "sd15.yaml"))
+    spec = config.model.lr_scheduler
+    assert spec.class_path == "torch.optim.lr_scheduler.LinearLR"
+    weight = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.Adam([weight], lr=config.model.optimizer.init_args.lr)
+    scheduler = torch.optim.lr_scheduler.LinearLR(optimizer, **spec.init_args)
+    rates = []
+    for _step in range(600):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == pytest.approx(1e-6) and rates[250] < rates[499] < 1e-4
+    assert all(rate == pytest.approx(1e-4) for rate in rates[500:])
+    plain = parse_only("--config", str(CONFIGS[0].parent / "sd15.yaml"), "--model.lr_scheduler", "null")
+    assert plain.model.lr_scheduler is None
