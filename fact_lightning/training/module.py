@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
@@ -30,16 +29,16 @@ from ..files import sha256_file
 from ..models.injection import FaceAdapter, mark_only_adapter_trainable
 from ..models.resampler import ResamplerConfig
 from ..models.sfags import TRAINING_ADAPTER_SCALE
-from ..models.unet_layout import depth_tag, site_name
+from ..models.unet_layout import depth_tag
 from .base_spec import BaseModelSpec
 from .init_adapter import check_init_adapter, load_init_adapter
 from .nonfinite import NonFiniteTracker, TrainingDiverged
+from .step_logging import gate_values, log_step
 
 log = logging.getLogger(__name__)
 
 ADAPTER_PREFIX = "adapter."
 LATENT_MEAN, LATENT_STD = "latent_mean", "latent_std"  # batch keys of cached VAE latents
-CHECKPOINT_VERSION = 1
 
 
 class FactModule(pl.LightningModule):
@@ -376,35 +375,11 @@ class FactModule(pl.LightningModule):
 
     # -- logging ---------------------------------------------------------------------------------------
     def _log_step(self, batch: dict, out: dict) -> None:
-        """Everything but the loss, logged only at Lightning's logging steps (one host sync there)."""
-        size = len(batch["key"])
-        self.log("train/diffusion", out["diffusion"], batch_size=size)
-        self.log("train/fair_total", out["fair_total"], batch_size=size)
-        self.log("curriculum/p_shuffle", out["p_shuffle"], batch_size=size)
-        for name, value in out["decisions"].fractions().items():
-            self.log(f"conditions/{name}", value, batch_size=size)
-        if "data_errors" in batch:
-            self.log("data/skipped_in_batch_worker", batch["data_errors"].max().float(), batch_size=size)
-        # Per site under its short name (``fair/down1.a0.b0``): whole in TensorBoard's card titles.
-        for path, value in out["fair"].items():
-            self.log(f"fair/{site_name(path)}", value, batch_size=size)
-        for path, (attn, ff) in self.gate_values().items():
-            self.log(f"gate_attn/{site_name(path)}", attn, batch_size=size)
-            self.log(f"gate_ff/{site_name(path)}", ff, batch_size=size)
-        batches = self.trainer.fit_loop.epoch_loop._batches_that_stepped
-        now = time.perf_counter()
-        if self._throughput is not None and batches > self._throughput[1]:
-            samples = (batches - self._throughput[1]) * size * self.trainer.world_size * self.trainer.accumulate_grad_batches
-            self.log("perf/samples_per_sec", samples / (now - self._throughput[0]), batch_size=size)
-        self._throughput = (now, batches)
+        log_step(self, batch, out)
 
     def gate_values(self) -> dict[str, tuple[float, float]]:
         """tanh of each block's two gates (gathers sharded parameters: call on every rank under FSDP)."""
-        out = {}
-        for site in self.adapter.sites:
-            block = self.adapter.blocks[site.key]
-            out[site.path] = tuple(torch.tanh(_full(p).detach()).item() for p in (block.alpha_attn, block.alpha_dense))
-        return out
+        return gate_values(self.adapter)
 
     # -- checkpoints: trainable weights only, strict keys -------------------------------------------------
     def adapter_keys(self) -> set[str]:
@@ -416,7 +391,7 @@ class FactModule(pl.LightningModule):
         state = checkpoint.get("state_dict")
         if state is not None:
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k.startswith(ADAPTER_PREFIX)}
-        checkpoint["fact"] = {"version": CHECKPOINT_VERSION, "base": self.base_spec.describe(),
+        checkpoint["fact"] = {"version": resume.CHECKPOINT_VERSION, "base": self.base_spec.describe(),
                               "nonfinite_steps": self.nonfinite_steps, "shuffle": asdict(self.shuffle)}
         if self._trainer is not None and self.trainer.optimizers:  # a resume refuses another optimizer class
             schedulers = self.trainer.lr_scheduler_configs
@@ -424,20 +399,7 @@ class FactModule(pl.LightningModule):
             checkpoint["fact"]["lr_scheduler"] = resume.class_path(schedulers[0].scheduler) if schedulers else None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        meta = checkpoint.get("fact") or {}
-        if meta.get("version", 0) > CHECKPOINT_VERSION:
-            raise CheckpointMismatch(f"checkpoint version {meta.get('version')} is newer than this fact-lightning "
-                                     f"({CHECKPOINT_VERSION}): update fact-lightning to resume it")
-        resume.refuse_model_changes(checkpoint.get("hyper_parameters") or {}, dict(self.hparams))
-        got, want = set(checkpoint.get("state_dict", {})), self.adapter_keys()
-        if got != want:
-            raise CheckpointMismatch(
-                f"the checkpoint does not match the adapter: missing {sorted(want - got)[:5]}, unexpected "
-                f"{sorted(got - want)[:5]} (a checkpoint of another model?)")
-        base = self.base_spec.describe()
-        if self.hparams.check_base_on_resume and meta.get("base") not in (None, base):
-            raise UserError(f"the checkpoint was trained on base model {meta['base']!r}, this run uses {base!r}; "
-                            "resume with the same base, or pass --model.check_base_on_resume false to go on anyway")
+        meta = resume.check_checkpoint(checkpoint, dict(self.hparams), self.adapter_keys(), self.base_spec.describe())
         self._saved_shuffle = meta.get("shuffle")  # compared in on_train_start, once this run's ramp is known
         self.nonfinite_steps = meta.get("nonfinite_steps", 0)
 
@@ -448,11 +410,3 @@ class FactModule(pl.LightningModule):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         return get_model_state_dict(self.adapter, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-class CheckpointMismatch(UserError, RuntimeError):
-    """The checkpoint's weights are not this adapter's (another model's checkpoint)."""
-
-
-def _full(param: torch.Tensor) -> torch.Tensor:
-    return param.full_tensor() if hasattr(param, "full_tensor") else param

@@ -30,6 +30,7 @@ from ..errors import UserError
 
 log = logging.getLogger(__name__)
 
+CHECKPOINT_VERSION = 1  # of the "fact" record FactModule writes into each checkpoint
 REFUSED_MODEL_OPTIONS = ("projection", "adapter_dtype")  # they decide the adapter's tensors
 INIT_ADAPTER_CONTENT = "init_adapter_sha256"  # recorded by FactModule; the path alone may change
 # Scheduler state that is progress, not a setting (torch's LRScheduler, ReduceLROnPlateau, SequentialLR...).
@@ -199,3 +200,26 @@ def check(checkpoint: dict, module, datamodule=None) -> list[Change]:
     if datamodule is not None:
         applied += option_changes(checkpoint.get("datamodule_hyper_parameters") or {}, dict(datamodule.hparams), "data")
     return applied
+
+
+class CheckpointMismatch(UserError, RuntimeError):
+    """The checkpoint's weights are not this adapter's (another model's checkpoint)."""
+
+
+def check_checkpoint(checkpoint: dict, hparams: dict, adapter_keys: set[str], base: str) -> dict:
+    """Refuses a checkpoint this run cannot continue (a newer format, other options, another adapter's keys,
+    another base model unless ``check_base_on_resume`` is off); returns its ``fact`` record."""
+    meta = checkpoint.get("fact") or {}
+    if meta.get("version", 0) > CHECKPOINT_VERSION:
+        raise CheckpointMismatch(f"checkpoint version {meta.get('version')} is newer than this fact-lightning "
+                                 f"({CHECKPOINT_VERSION}): update fact-lightning to resume it")
+    refuse_model_changes(checkpoint.get("hyper_parameters") or {}, hparams)
+    got = set(checkpoint.get("state_dict", {}))
+    if got != adapter_keys:
+        raise CheckpointMismatch(
+            f"the checkpoint does not match the adapter: missing {sorted(adapter_keys - got)[:5]}, unexpected "
+            f"{sorted(got - adapter_keys)[:5]} (a checkpoint of another model?)")
+    if hparams.get("check_base_on_resume", True) and meta.get("base") not in (None, base):
+        raise UserError(f"the checkpoint was trained on base model {meta['base']!r}, this run uses {base!r}; "
+                        "resume with the same base, or pass --model.check_base_on_resume false to go on anyway")
+    return meta

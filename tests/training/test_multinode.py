@@ -7,14 +7,11 @@ import json
 import os
 import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[2]
-FACT_TRAIN = str(Path(sys.executable).parent / "fact-train")
+from tests.training.runs import FACT_TRAIN, ROOT
 
 CONFIG = """\
 seed_everything: 0

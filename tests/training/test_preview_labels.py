@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fact_lightning.callbacks.previews import GRID_TILE, label_px, labelled_grid
+from fact_lightning.callbacks.preview_grid import label_px, labelled_grid
+from fact_lightning.callbacks.previews import GRID_TILE
 
 ROWS, COLUMNS = ["fr_obama p00 s0", "fr_biden p01 s0"], ["reference", "crop", "adapter x0.5", "base"]
 

@@ -14,7 +14,8 @@ import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from PIL import Image
 
-from fact_lightning.callbacks.previews import Previews, labelled_grid, read_preview_identities
+from fact_lightning.callbacks.preview_grid import labelled_grid
+from fact_lightning.callbacks.previews import Previews, read_preview_identities
 from fact_lightning.faces.identity import face_similarity, reference_embedding
 from fact_lightning.data.datamodule import FactDataModule
 from fact_lightning.data.shards import MANIFEST_NAME
