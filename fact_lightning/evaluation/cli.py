@@ -88,17 +88,20 @@ def evaluate(opts: EvaluateOptions, weights: WeightOptions, sampling: SamplingOp
     from torch.utils.tensorboard import SummaryWriter
 
     from fact_lightning.inference.recipe import DEFAULT_GUIDANCE
-    from fact_lightning.inference.loading import load_detector, load_generator
+    from fact_lightning.inference.loading import load_detector, load_generator, weight_problems
     from fact_lightning.inference.outputs import OutputFolder
-    from fact_lightning.weights import MissingWeightsError
+    from fact_lightning.weights import MissingWeightsError, raise_if_missing
     from fact_lightning.tiny import tiny_clip
 
-    from .clip import ClipScorer, clip_i, clip_t
+    from .clip import ClipScorer, clip_i, clip_problem, clip_t
     from .metrics import DlibFaceEmbedder, TransFaceEmbedder, face_similarity, fid
 
     if not opts.clip and not weights.tiny:
         raise MissingWeightsError("no CLIP model given: pass --clip (a local CLIP folder or hub id)")
     sources = weights.sources("txt2img")
+    # Every weight file is checked before anything loads, so one message names all that are missing.
+    raise_if_missing([*weight_problems(sources),
+                      *filter(None, [opts.clip and clip_problem(opts.clip, local_files_only=weights.local_files_only)])])
     prompts = sampling.prompt_list()
     seeds = sampling.seeds
     output = OutputFolder(opts.out, overwrite=opts.overwrite)

@@ -15,9 +15,24 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from fact_lightning.weights import MissingWeightsError, resolve_source
+from fact_lightning.weights import MissingWeightsError, Needed, check_source, resolve_source
 
 log = logging.getLogger(__name__)
+
+# What ``CLIPModel``/``CLIPProcessor.from_pretrained`` read from a folder such as openai/clip-vit-large-patch14.
+CLIP_FILES = (
+    Needed("config.json"),
+    Needed("model.safetensors", ("pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")),
+    Needed("preprocessor_config.json"),
+    Needed("vocab.json", ("tokenizer.json",)),
+    Needed("merges.txt", ("tokenizer.json",)),
+)
+
+
+def clip_problem(source: str | Path, *, local_files_only: bool = False) -> str | None:
+    """Why :meth:`ClipScorer.from_pretrained` would not find CLIP at ``source`` (None when it would), checked
+    without loading anything: a local folder must hold every file, a hub id must be cached or downloadable."""
+    return check_source(source, "CLIP folder", CLIP_FILES, local_files_only=local_files_only, option="--clip").problem
 
 
 def _pil(image) -> Image.Image:

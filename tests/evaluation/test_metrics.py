@@ -109,3 +109,21 @@ def test_evaluate_command_writes_json_and_tensorboard(tmp_path):
     missing = run_cli("fact-evaluate", "--identities", ids, "--prompt", "a", "--out", tmp_path / "o2")
     assert_one_error(missing, "no CLIP model given")
     assert not (tmp_path / "o2").exists()
+
+
+def test_evaluate_names_every_missing_weight_file_before_loading(tmp_path):
+    """A CLIP folder without its weights is named with the base model and TransFace in one error line, before
+    anything loads or the output folder is made."""
+    from tests.inference.cli_runner import assert_one_error, run_cli
+
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    (clip / "config.json").write_text("{}")
+    out = tmp_path / "eval"
+    result = run_cli("fact-evaluate", "--identities", FACES, "--prompt", "a", "--base", tmp_path / "no_base",
+                     "--face-encoder", tmp_path / "transface.pt", "--adapter", tmp_path / "adapter.safetensors",
+                     "--clip", clip, "--out", out)
+    line = assert_one_error(result, "missing weights, nothing was loaded")
+    assert f"base model folder {tmp_path / 'no_base'}" in line and "transface.pt" in line and "adapter.safetensors" in line
+    assert f"CLIP folder {clip} is missing model.safetensors, preprocessor_config.json" in line, line
+    assert not out.exists()
