@@ -56,11 +56,17 @@ def identity_photos(root: str | Path, limit: int | None = None) -> dict[str, lis
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"identities folder not found: {root}")
-    found = {}
+    found, others = {}, []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        photos = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+        photos = sorted(p for p in files if p.suffix.lower() in IMAGE_SUFFIXES)
+        others += [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
         if photos:
             found[folder.name] = photos
+    if others:  # said, not silently dropped: a photo saved as .heic or .jfif would otherwise just vanish
+        kinds = sorted({p.suffix.lower() or "(no extension)" for p in others})
+        log.warning("%s: skipped %d file(s) that are not photos by their extension (%s; photos: %s)", root,
+                    len(others), ", ".join(kinds), ", ".join(sorted(IMAGE_SUFFIXES)))
     if not found:
         raise ValueError(f"{root} has no <identity>/<photo> folders")
     return dict(list(found.items())[:limit]) if limit else found

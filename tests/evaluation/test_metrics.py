@@ -127,3 +127,15 @@ def test_evaluate_names_every_missing_weight_file_before_loading(tmp_path):
     assert f"base model folder {tmp_path / 'no_base'}" in line and "transface.pt" in line and "adapter.safetensors" in line
     assert f"CLIP folder {clip} is missing model.safetensors, preprocessor_config.json" in line, line
     assert not out.exists()
+
+
+def test_identity_photos_says_which_files_it_skips(tmp_path, caplog):
+    from fact_lightning.evaluation.cli import identity_photos
+
+    (tmp_path / "ann").mkdir()
+    for name in ("1.jpg", "2.PNG", "notes.txt", "3.heic", ".DS_Store"):
+        (tmp_path / "ann" / name).write_bytes(b"x")
+    with caplog.at_level("WARNING"):
+        found = identity_photos(tmp_path)
+    assert [p.name for p in found["ann"]] == ["1.jpg", "2.PNG"]
+    assert "skipped 2 file(s)" in caplog.text and ".heic, .txt" in caplog.text, caplog.text
