@@ -92,8 +92,13 @@ def load_adapter(path: str | Path, unet: nn.Module | None = None) -> FaceAdapter
         raise ValueError(f"{path}: missing keys {result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]}")
     check_finite(state, path)
     if unet is not None:
-        if transformer_block_sites(unet) != sites:
-            raise ValueError(f"{path} was trained for another UNet layout ({len(sites)} blocks) than the one given")
+        # An adapter may cover some of the UNet's blocks (SDXL's one-per-stack choice): each of its sites must be
+        # there, with the same widths.
+        found = {site.path: site for site in transformer_block_sites(unet)}
+        differing = [site.path for site in sites if found.get(site.path) != site]
+        if differing:
+            raise ValueError(f"{path} was trained for another UNet layout ({len(sites)} adapted blocks; "
+                             f"{len(differing)} missing or of other widths in the one given, e.g. {differing[0]})")
         adapter.attach(unet)
     return adapter.eval()
 

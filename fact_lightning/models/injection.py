@@ -30,7 +30,7 @@ from torch import nn
 
 from .resampler import PerceiverResampler, ResamplerConfig
 from .sfags import TRAINING_ADAPTER_SCALE, FaceCondition, GatedFaceAttention
-from .unet_layout import BlockSite, transformer_block_sites
+from .unet_layout import BlockSite, SiteChoice, select_sites, transformer_block_sites
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ FUSER = "fuser"  # BasicTransformerBlock's GLIGEN slot, where each SFAGS sits
 
 
 class FaceAdapter(nn.Module):
-    """Prj plus one SFAGS per transformer block: every trainable weight of FACT."""
+    """Prj plus one SFAGS per adapted transformer block (``sites``): every trainable weight of FACT."""
 
     def __init__(self, sites: list[BlockSite], projection: ResamplerConfig | None = None):
         super().__init__()
@@ -57,9 +57,14 @@ class FaceAdapter(nn.Module):
         self._base_norm2: dict[str, dict[str, torch.Tensor]] = {}
 
     @classmethod
-    def for_unet(cls, unet: nn.Module, projection: ResamplerConfig | None = None) -> FaceAdapter:
-        """An adapter sized for ``unet`` (random projection, zero gates), attached to it."""
-        sites = transformer_block_sites(unet)
+    def for_unet(cls, unet: nn.Module, projection: ResamplerConfig | None = None,
+                 sites: SiteChoice = "block") -> FaceAdapter:
+        """An adapter sized for ``unet`` (random projection, zero gates), attached to it.
+
+        ``sites``: which transformer blocks take an SFAGS (:func:`select_sites`): ``"block"`` (all, SD1.5's
+        design), ``"stack"`` (the first block of each transformer stack, for SDXL) or a list of site names.
+        """
+        sites = select_sites(unet, sites)
         cfg = projection or ResamplerConfig(output_dim=sites[0].cross_attention_dim)
         if cfg.output_dim != sites[0].cross_attention_dim:
             raise ValueError(f"projection output_dim {cfg.output_dim} != UNet cross_attention_dim {sites[0].cross_attention_dim}")
@@ -72,13 +77,13 @@ class FaceAdapter(nn.Module):
         """Installs the adapters into ``unet``'s transformer blocks (the UNet's weights are untouched)."""
         if self._attached:
             raise RuntimeError("this adapter is already attached; call detach() first")
+        # The adapter may cover a subset of the UNet's blocks (one per stack, an explicit list): every site it has
+        # must exist in this UNet with the same sizes; blocks it does not name stay as they are.
         found = {s.path: s for s in transformer_block_sites(unet)}
-        if set(found) != {s.path for s in self.sites}:
-            raise ValueError(
-                "this adapter was built for another UNet layout: "
-                f"missing {sorted(set(found) - {s.path for s in self.sites})[:3]}, "
-                f"extra {sorted({s.path for s in self.sites} - set(found))[:3]}"
-            )
+        absent = [s.path for s in self.sites if s.path not in found]
+        if absent:
+            raise ValueError(f"this adapter was built for another UNet layout: this UNet has no transformer block "
+                             f"{absent[:3]} ({len(absent)} of the adapter's {len(self.sites)} sites)")
         for site in self.sites:
             if found[site.path] != site:
                 raise ValueError(f"block {site.path} is {found[site.path]}, the adapter expects {site}")
@@ -95,6 +100,13 @@ class FaceAdapter(nn.Module):
                 block.register_load_state_dict_pre_hook(_keep_fuser_state),
             ]
             self._attached.append(block)
+        # Blocks without an adapter (sites="stack" or a list) get the same call's kwargs: they only drop our key,
+        # so that their attention processors never see it (diffusers would warn once per block and call).
+        adapted = {s.path for s in self.sites}
+        for path in [p for p in found if p not in adapted]:
+            block = unet.get_submodule(path)
+            drop = functools.partial(_route_condition, _cross_attention_kwargs_position(block), drop=True)
+            self._hooks.append(block.register_forward_pre_hook(drop, with_kwargs=True))
 
     @property
     def attached_blocks(self) -> list[nn.Module]:
@@ -115,6 +127,8 @@ class FaceAdapter(nn.Module):
         A known record is kept when it equals ``state`` once rounded to ``state``'s dtype (the same weights,
         seen again after the base was cast to bf16/fp16); otherwise ``state`` replaces it.
         """
+        if any(v.is_meta for v in state.values()):
+            return  # a UNet on the meta device (sizes only, to count FLOPs) has no values to keep
         known = self._base_norm2.get(path)
         if known is not None and _rounds_to(known, state):
             return
@@ -190,8 +204,10 @@ def _cross_attention_kwargs_position(block: nn.Module) -> int:
     return params.index("cross_attention_kwargs") - 1  # minus self
 
 
-def _route_condition(position: int, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
-    """Moves our condition from ``cross_attention_kwargs`` into the block's GLIGEN slot (``objs``)."""
+def _route_condition(position: int, block: nn.Module, args: tuple, kwargs: dict,
+                     drop: bool = False) -> tuple[tuple, dict] | None:
+    """Moves our condition from ``cross_attention_kwargs`` into the block's GLIGEN slot (``objs``); with ``drop``
+    (a block without an adapter) only removes it."""
     by_keyword = "cross_attention_kwargs" in kwargs
     if by_keyword:
         given = kwargs["cross_attention_kwargs"]
@@ -202,7 +218,9 @@ def _route_condition(position: int, block: nn.Module, args: tuple, kwargs: dict)
     if given is None or CONDITION_KEY not in given:
         return None
     routed = dict(given)
-    routed["gligen"] = {"objs": routed.pop(CONDITION_KEY)}
+    condition = routed.pop(CONDITION_KEY)
+    if not drop:
+        routed["gligen"] = {"objs": condition}
     if by_keyword:
         return args, {**kwargs, "cross_attention_kwargs": routed}
     return (*args[:position], routed, *args[position + 1 :]), kwargs

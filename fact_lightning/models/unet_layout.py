@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from torch import nn
+
+# Which transformer blocks take an adapter: every block ("block", SD1.5's 16), the first block of every
+# transformer stack ("stack", SDXL's 11), or an explicit list of site names or block paths.
+SiteChoice = str | Sequence[str]
+SITE_CHOICES = ("block", "stack")
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,52 @@ def transformer_block_sites(unet: nn.Module) -> list[BlockSite]:
     # diffusers registers up_blocks before mid_block; order the sites as the forward pass runs them.
     order = {"down": 0, "mid": 1, "up": 2}
     return sorted(sites, key=lambda site: order[site.stage])
+
+
+def stack_path(block_path: str) -> str:
+    """The ``Transformer2DModel`` (the stack) a block belongs to: ``...attentions.0.transformer_blocks.3`` ->
+    ``...attentions.0``."""
+    return block_path.rpartition(".transformer_blocks.")[0] or block_path
+
+
+def select_sites(unet: nn.Module, sites: SiteChoice = "block") -> list[BlockSite]:
+    """The adapter sites of ``unet`` for a choice of ``sites``, in forward order.
+
+    ``"block"``: every cross-attention transformer block (SD1.5: 16; SDXL: 70). ``"stack"``: one site per
+    transformer stack (SDXL: 11; on SD1.5, whose stacks are one block deep, the same 16 as ``"block"``). A list:
+    those sites, by short name (``down1.a0.b0``) or block path, each once.
+
+    A stack's site is its FIRST block, with SFAGS in that block's GLIGEN slot as everywhere else, rather than a
+    module wrapping the stack's output tokens: SFAGS then keeps its place of Eq. 2, after a self-attention and
+    before the cross-attention to the text, so the text attention and every later block of the stack (9 more
+    in SDXL's deep stacks) work on tokens that already carry the identity; a wrapper at the stack's output would
+    add it after all of the stack's text attention, where nothing in the stack could refine it. It also keeps
+    one mechanism for both choices (same hook, FAIR capture, checkpoint keys, gradient checkpointing): a stack
+    site is an ordinary block site, and FAIR runs on that block's tokens, the stack's own grid.
+    """
+    every = transformer_block_sites(unet)
+    if isinstance(sites, str):
+        if sites == "block":
+            return every
+        if sites == "stack":
+            firsts: dict[str, BlockSite] = {}
+            for site in every:
+                firsts.setdefault(stack_path(site.path), site)
+            return list(firsts.values())
+        raise ValueError(f"sites must be one of {SITE_CHOICES} or a list of site names, got {sites!r}")
+    wanted = [site_path(str(name)) for name in sites]
+    if not wanted:
+        raise ValueError("an explicit list of adapter sites is empty: give at least one site name")
+    repeated = sorted({p for p in wanted if wanted.count(p) > 1})
+    if repeated:
+        raise ValueError(f"adapter sites named more than once: {', '.join(site_name(p) for p in repeated)}")
+    known = {site.path for site in every}
+    unknown = [name for name, path in zip(sites, wanted) if path not in known]
+    if unknown:
+        raise ValueError(f"no such adapter site in this UNet: {', '.join(map(str, unknown))} (its {len(every)} sites "
+                         f"run from {every[0].name} to {every[-1].name})")
+    chosen = set(wanted)
+    return [site for site in every if site.path in chosen]
 
 
 def depth_tag(site: BlockSite, unet_config) -> str:
