@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 
 def synchronize(device: torch.device | str) -> None:
@@ -47,9 +47,32 @@ def summary(seconds: list[float]) -> dict:
     return {"median_s": statistics.median(seconds), "min_s": min(seconds), "samples_s": [round(s, 4) for s in seconds]}
 
 
+# The counter hands these the shapes of the kernel's tensor arguments.
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def cpu_attention_formulas() -> dict:
+    """FLOP formulas for the CPU kernels of ``scaled_dot_product_attention``, which torch's counter lacks (it
+    counts them as 0 on the CPU, while the same call on CUDA or the meta device is counted): the same formulas as
+    torch's own for the CUDA flash kernel."""
+    aten = torch.ops.aten
+    formulas = {}
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention_flops
+    if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
+        formulas[aten._scaled_dot_product_flash_attention_for_cpu_backward] = _cpu_attention_backward_flops
+    return formulas
+
+
 def count_flops(fn: Callable[[], object]) -> int:
-    """FLOPs of one call of ``fn`` (forward and backward), counted by ``torch.utils.flop_counter``."""
-    counter = FlopCounterMode(display=False)
+    """FLOPs of one call of ``fn`` (forward and backward), counted by ``torch.utils.flop_counter`` (with the CPU
+    attention kernels counted too: :func:`cpu_attention_formulas`)."""
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_attention_formulas())
     with counter:
         fn()
     return counter.get_total_flops()

@@ -110,6 +110,21 @@ def test_full_size_benchmark_runs_tiny(tmp_path):
     assert result["config"]["interleaved"] and result["config"]["resolution"] == 64
 
 
+def test_attention_on_the_cpu_counts_as_on_the_meta_device():
+    """torch's counter has no formula for the CPU attention kernel (it counted SFAGS at 13.4 GFLOPs on the CPU
+    against 35.0 on meta); count_flops adds it, so CPU and meta agree on the forward pass."""
+    import torch
+
+    from benchmarks.timing import count_flops
+
+    b, h, length, d = 2, 4, 96, 32
+    cpu = torch.randn(b, h, length, d)
+    counted = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(cpu, cpu, cpu))
+    meta = torch.empty(b, h, length, d, device="meta")
+    on_meta = count_flops(lambda: torch.nn.functional.scaled_dot_product_attention(meta, meta, meta))
+    assert counted == on_meta == 4 * b * h * length * length * d  # Q K^T and P V, a multiply-add as 2
+
+
 def test_interleaved_alternates_the_order():
     calls = []
     variants = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
