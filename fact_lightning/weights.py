@@ -21,7 +21,7 @@ PROBE_TIMEOUT_S = 3.0  # the longest a check waits for the hub's endpoint to ans
 README_SECTION = "README.md, Real weights"  # where the user reads which files each model needs and their sources
 
 # A name ending like a weights file is a local file, never a hub repository id.
-_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -71,7 +71,7 @@ def resolve_source(source: str | Path, what: str) -> WeightsSource:
     local = Path(text).expanduser()
     if text and local.exists():
         return WeightsSource(str(local), True)
-    if not text.lower().endswith(_FILE_SUFFIXES):
+    if not text.lower().endswith(WEIGHT_FILE_SUFFIXES):
         try:
             validate_repo_id(text)
             return WeightsSource(text, False)

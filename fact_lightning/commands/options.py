@@ -151,8 +151,8 @@ class WeightOptions:
     """Where every model comes from (``--tiny``: seeded random CPU stand-ins, nothing to download)."""
 
     base: Annotated[Optional[str], typer.Option(
-        metavar="DIR|HUB_ID", rich_help_panel=WEIGHTS,
-        help="SD1.5-style diffusers folder or hub id.")] = None
+        metavar="DIR|HUB_ID|FILE", rich_help_panel=WEIGHTS,
+        help="SD1.5-style diffusers folder, hub id or single .safetensors file.")] = None
     adapter: Annotated[Optional[Path], typer.Option(
         metavar="FILE", rich_help_panel=WEIGHTS,
         help="FACT adapter: our .safetensors export or the official FACT torch file.")] = None

@@ -18,8 +18,8 @@ import typer
 from fact_lightning.checks import number
 from fact_lightning.commands.cli_errors import guarded, run_app
 from fact_lightning.commands.console import native_noise_filtered, out_console, progress, setup_logging
-from fact_lightning.commands.options import (OVERWRITE_HELP, SamplingOptions, WeightOptions, check_numbers, command,
-                                             flag, help_text, numeric)
+from fact_lightning.commands.options import (OVERWRITE_HELP, WEIGHTS, SamplingOptions, WeightOptions, check_numbers,
+                                             command, flag, help_text, numeric)
 from fact_lightning.inference.recipe import INPAINT_ADAPTER_SCALE, INPAINT_GUIDANCE
 
 REFERENCE, INPAINT, CONTROL = "Reference photos and output", "Inpainting portrait mode", "ControlNet"
@@ -60,6 +60,10 @@ class GenerateOptions:
         help="Conditioning image of --controlnet (e.g. an OpenPose skeleton).")] = None
     controlnet_scale: Annotated[float, numeric(
         number(0.0, 10.0), metavar="FLOAT", rich_help_panel=CONTROL, help="ControlNet conditioning scale.")] = 1.0
+    base_config: Annotated[Optional[Path], typer.Option(
+        metavar="DIR", rich_help_panel=WEIGHTS,
+        help="With a single-file --base: a folder of diffusers configs (unet/, vae/, text_encoder/, scheduler/) "
+             "that describe it; default: SD1.5's, shipped with fact-lightning.")] = None
     verbose: Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="Debug logging.")] = False
 
     def __post_init__(self) -> None:
@@ -118,6 +122,8 @@ def generate(opts: GenerateOptions, weights: WeightOptions, sampling: SamplingOp
 
     mode = _mode(opts, weights)
     sources = weights.sources(mode)
+    if opts.base_config is not None:
+        sources = dataclasses.replace(sources, base_config=str(opts.base_config))
     prompts = sampling.prompt_list()
     output = OutputFolder(opts.out, overwrite=opts.overwrite)
     photos = [read_image(path, "reference photo") for path in opts.reference]
@@ -191,7 +197,8 @@ HELP = help_text("""
 
 # What holds in fact-generate alone: the inpainting portrait mode's defaults (the official inpainting app's).
 INPAINT_NOTES = {
-    "base": "An inpainting model with --template.",
+    "base": "An inpainting model with --template. A single .safetensors file (the original SD layout, as "
+            "community fine-tunes ship) loads offline with --base-config's configs, SD1.5's by default.",
     "adapter_scale": f"With --template: {INPAINT_ADAPTER_SCALE}, the official inpainting app's.",
     "guidance_scale": f"With --template: default {INPAINT_GUIDANCE}.",
 }

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from fact_lightning.models.base import base_model_files
+from fact_lightning.models.single_file import is_single_file, single_file_problems
 from fact_lightning.weights import MissingWeightsError
 from fact_lightning.weights import Needed, check_source, raise_if_missing
 
@@ -27,13 +28,16 @@ TINY = "tiny"
 class GeneratorSources:
     """Weights and options of a generator. ``tiny`` builds seeded random CPU parts instead (tests, demos).
 
-    base: SD1.5-style diffusers folder or hub id (an inpainting model for ``mode="inpaint"``);
+    base: SD1.5-style diffusers folder, hub id or single ``.safetensors`` file (an inpainting model for
+    ``mode="inpaint"``); base_config: with a single file, a folder of diffusers configs describing it (default:
+    SD1.5's, shipped in the package);
     adapter: our ``.safetensors`` export or the official FACT torch file; face_encoder: the official
     TransFace file (``ms1mv2_model_TransFace_S.pt``); controlnet: a diffusers folder or hub id ("tiny" with
     ``tiny``); loras: (path, weight) pairs.
     """
 
     base: str | None = None
+    base_config: str | None = None
     adapter: str | None = None
     face_encoder: str | None = None
     face_encoder_variant: str = "S"
@@ -58,8 +62,9 @@ class GeneratorSources:
             missing = [name for name in ("base", "adapter", "face_encoder") if not getattr(self, name)]
             if missing:
                 raise MissingWeightsError(
-                    f"no {', '.join(missing)} given: pass --base (SD1.5 diffusers folder or hub id), --adapter "
-                    "(.safetensors export or official FACT file) and --face-encoder (ms1mv2_model_TransFace_S.pt); "
+                    f"no {', '.join(missing)} given: pass --base (SD1.5 diffusers folder, hub id or .safetensors "
+                    "file), --adapter (.safetensors export or official FACT file) and --face-encoder "
+                    "(ms1mv2_model_TransFace_S.pt); "
                     "or --tiny for random CPU components (tests and demos only)")
 
     def to_dict(self) -> dict:
@@ -72,13 +77,19 @@ CONTROLNET_FILES = (Needed("config.json"), Needed("diffusion_pytorch_model.safet
 
 def weight_problems(src: GeneratorSources) -> list[str]:
     """What :func:`load_generator` would not find, each named with its option, checked without loading anything:
-    the base model's files (for a hub id: in the local cache, or whether a download is possible now), the
-    TransFace file, the adapter file, the ControlNet's files and each LoRA."""
+    the base model's files (for a hub id: in the local cache, or whether a download is possible now; a single file:
+    from its header, against its configs), the TransFace file, the adapter file, the ControlNet's files and each LoRA."""
     problems = []
-    if not src.tiny:
+    if not src.tiny and is_single_file(src.base):
+        problems += single_file_problems(src.base, src.base_config, option="--base")
+    elif not src.tiny:
         base = check_source(src.base, "base model folder", base_model_files(), local_files_only=src.local_files_only,
                             option="--base")
         problems += [base.problem] if base.problem else []
+        if src.base_config is not None:
+            problems.append(f"--base-config {src.base_config} goes with a single-file --base; {src.base} is a "
+                            "folder or hub id, whose own configs are used")
+    if not src.tiny:
         weights = Path(src.face_encoder).expanduser()
         if not weights.is_file():
             problems.append(f"TransFace weights not found: {weights} (--face-encoder, the official "
@@ -127,7 +138,8 @@ def load_generator(src: GeneratorSources, detector=None) -> FacePortraitGenerato
             base.unet = tiny_inpaint_unet(base, src.seed)
         encoder, _ = load_encoder("tiny", None, allow_random=True)
     else:
-        base = load_base_model(src.base, dtype=dtype, local_files_only=src.local_files_only, option="--base")
+        base = load_base_model(src.base, dtype=dtype, local_files_only=src.local_files_only, option="--base",
+                               config=src.base_config)
         encoder, _ = load_encoder(src.face_encoder_variant, Path(src.face_encoder).expanduser(), allow_random=False)
 
     if src.adapter:

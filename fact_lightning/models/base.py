@@ -71,17 +71,27 @@ def load_base_model(
     dtype: torch.dtype | None = None,
     local_files_only: bool = False,
     option: str | None = None,
+    config: str | Path | None = None,
 ) -> BaseModel:
-    """Loads an SD1.5-style model (diffusers layout) from a local folder or a hub id, frozen.
+    """Loads an SD1.5-style model from a local diffusers folder, a hub id or a single ``.safetensors`` file, frozen.
 
     Every file it reads is checked first (:func:`base_model_files`); anything missing is named in one error, with
     ``option`` (the command's option for the base model) as the place to give a local folder. A hub id is fetched
     by huggingface_hub only if a download is possible (the network answers, ``local_files_only`` is False and
-    ``HF_HUB_OFFLINE`` unset); fully cached, it loads from the cache when it is not.
+    ``HF_HUB_OFFLINE`` unset); fully cached, it loads from the cache when it is not. A single file (a community
+    checkpoint in the original LDM layout) loads offline with the component configs of ``config``, a folder, by
+    default SD1.5's that ship in the package (:mod:`.single_file`).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from .single_file import is_single_file, load_single_file
+
+    if is_single_file(source):
+        return BaseModel(*load_single_file(source, config, dtype=dtype, option=option)).freeze()
+    if config is not None:
+        raise ValueError(f"a config folder ({config}) goes with a single-file base; {source} is a folder or hub id, "
+                         "whose own configs are used")
     located = check_source(source, "base model folder", base_model_files(variant), revision=revision,
                            local_files_only=local_files_only, option=option)
     if located.source is None:

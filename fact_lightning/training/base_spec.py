@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..models.base import BaseModel, base_model_files, load_base_model
+from ..models.single_file import is_single_file, single_file_problems, single_file_vae_name
 from ..tiny import tiny_base_model
 from ..weights import check_source
 
@@ -39,11 +40,15 @@ class BaseModelSpec:
 
 
 class PretrainedBase(BaseModelSpec):
-    """An SD1.5-style model from a local diffusers folder or a hub id.
+    """An SD1.5-style model from a local diffusers folder, a hub id or a single-file checkpoint.
 
     Args:
-        source: a folder holding unet/, vae/, text_encoder/, tokenizer/, scheduler/, or a hub id.
+        source: a folder holding unet/, vae/, text_encoder/, tokenizer/, scheduler/, a hub id, or one
+            ``.safetensors`` file in the original LDM layout (a community SD1.5 fine-tune such as majicMIX
+            realistic), loaded offline.
         frozen_dtype: dtype of the frozen weights (bfloat16 halves their memory; the adapter stays float32).
+        config: with a single file only: a folder of diffusers component configs that describe it (unet/, vae/,
+            text_encoder/, scheduler/; tokenizer/ optional); default: SD1.5's, shipped in the package.
     """
 
     OPTION = "model.base.init_args.source"  # where fact-train's config names the source
@@ -55,31 +60,43 @@ class PretrainedBase(BaseModelSpec):
         variant: str | None = None,
         local_files_only: bool = False,
         frozen_dtype: FrozenDtype = "float32",
+        config: str | None = None,
     ):
         self.source = source
         self.revision = revision
         self.variant = variant
         self.local_files_only = local_files_only
         self.frozen_dtype = frozen_dtype
+        self.config = config
 
     def build(self) -> BaseModel:
         return load_base_model(
             self.source, revision=self.revision, variant=self.variant, dtype=_DTYPES[self.frozen_dtype],
-            local_files_only=self.local_files_only, option=self.OPTION,
+            local_files_only=self.local_files_only, option=self.OPTION, config=self.config,
         )
 
     def weight_problems(self) -> list[str]:
         """The files of ``source`` that loading would miss (a local folder's, or a hub id's that is neither cached
-        nor downloadable now), as one sentence; no weights are read."""
+        nor downloadable now), as one sentence; no weights are read. A single file is checked from its header: complete,
+        safetensors, and holding every weight of the configured model at its shape."""
+        if is_single_file(self.source):
+            return single_file_problems(self.source, self.config, option=self.OPTION)
+        if self.config is not None:
+            return [f"model.base.init_args.config ({self.config}) goes with a single-file source; {self.source} is "
+                    "a folder or hub id, whose own configs are used"]
         located = check_source(self.source, "base model folder", base_model_files(self.variant),
                                revision=self.revision, local_files_only=self.local_files_only, option=self.OPTION)
         return [] if located.problem is None else [located.problem]
 
     def describe(self) -> str:
+        # The source alone (a file's configs only describe its layout): what the model card's load lines take.
         return self.source if self.revision is None else f"{self.source}@{self.revision}"
 
     def describe_vae(self) -> str:
-        """The base model's folder or hub id (+ ``@revision``): its ``vae/`` is the VAE."""
+        """The base model's folder or hub id (+ ``@revision``): its ``vae/`` is the VAE. For a single file: its
+        name and the sha256 of its VAE tensors (``single_file_vae_name``)."""
+        if is_single_file(self.source):
+            return single_file_vae_name(self.source)
         return vae_name(self.source, self.revision)
 
 

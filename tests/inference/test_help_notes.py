@@ -29,7 +29,7 @@ def test_fact_evaluate_help_names_no_option_it_lacks():
 
 def test_fact_generate_help_keeps_the_inpainting_defaults():
     text = _help(generate_app)
-    assert "SD1.5-style diffusers folder or hub id. An inpainting model with --template." in text
+    assert "SD1.5-style diffusers folder, hub id or single .safetensors file. An inpainting model with --template." in text
     assert "With --template: 0.55, the official inpainting app's." in text
     assert "(default 7.0). With --template: default 5.0." in text
 
