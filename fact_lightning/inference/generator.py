@@ -11,6 +11,12 @@ stage of the official ``inference_inpaint_fact.py`` instead: guidance 5.0, adapt
 ``text_only_guidance=True`` is the official ``cfg_face=False``: both branches carry e_id, so guidance
 pushes along the text only. ``face_delay`` is our implementation of the official ``delayed_face_condition``
 (see ``FacePortraitGenerator.__call__``).
+
+SDXL runs the same way through diffusers' SDXL pipelines (:mod:`.pipelines`), whose guidance batch is also
+``[uncond, cond]``: the unconditional branch gets the negative prompt through both text encoders (its token
+states and its pooled embedding; a missing negative prompt is the encoded "", not stock SDXL's zeros) and
+Prj(zeros). Its micro-conditioning (``original_size``, ``crops_coords_top_left``, ``target_size``) is the
+pipeline's default, the generated size and (0, 0), for both branches unless given.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from PIL import Image
 
 from fact_lightning.models.injection import FaceAdapter
 
+from .bases import SD15, SDXL
 from .pipelines import build_pipeline, load_lora
-from .recipe import DEFAULT_NEGATIVE_PROMPT, DEFAULT_SCHEDULER, DEFAULT_STEPS, recipe_defaults
+from .recipe import DEFAULT_NEGATIVE_PROMPT, DEFAULT_STEPS, recipe_defaults
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,8 @@ class IdentityCondition:
 class FacePortraitGenerator:
     """A diffusers pipeline plus a FACT adapter attached to its UNet, and the reference-photo encoder.
 
-    ``pipeline``: StableDiffusion{,Inpaint,ControlNet}Pipeline whose ``unet`` carries ``adapter``.
+    ``pipeline``: StableDiffusion{,Inpaint,ControlNet}Pipeline or its SDXL counterpart (StableDiffusionXL...)
+    whose ``unet`` carries ``adapter``.
     ``face_encoder``: TransFace (tokens of aligned faces); None when only cached tokens are used (training
     previews). ``detector``: a ``fact_lightning.faces`` detector,
     needed only to prepare raw photos (aligned 112x112 faces can be given directly).
@@ -68,10 +76,17 @@ class FacePortraitGenerator:
     @classmethod
     def from_components(cls, base, adapter: FaceAdapter, face_encoder: torch.nn.Module | None = None, *,
                         mode: str = "txt2img",
-                        controlnet=None, scheduler: str = DEFAULT_SCHEDULER, detector=None) -> FacePortraitGenerator:
-        """Builds the pipeline for ``mode`` over ``base`` (whose UNet ``adapter`` is attached to)."""
+                        controlnet=None, scheduler: str | None = None, detector=None) -> FacePortraitGenerator:
+        """Builds the pipeline for ``mode`` over ``base`` (an SD1.5 ``BaseModel`` or an ``SDXLBaseModel``, whose
+        UNet ``adapter`` is attached to); ``scheduler`` None is the base's own (:func:`.pipelines.inference_scheduler`).
+        An adapter file for a base is loaded with :func:`.bases.load_adapter_for`, which refuses another base's."""
         return cls(build_pipeline(base, mode, controlnet=controlnet, scheduler=scheduler), adapter, face_encoder,
                    detector)
+
+    @property
+    def base_type(self) -> str:
+        """``"sdxl"`` on an SDXL pipeline (two text encoders), ``"sd15"`` otherwise."""
+        return SDXL if getattr(self.pipeline, "text_encoder_2", None) is not None else SD15
 
     @property
     def device(self) -> torch.device:
@@ -141,7 +156,9 @@ class FacePortraitGenerator:
                  height: int | None = None, width: int | None = None, text_only_guidance: bool = False,
                  face_delay: float = 0.0, image=None, mask_image=None, control_image=None,
                  controlnet_conditioning_scale: float = 1.0, lora_scale: float | None = None,
-                 keep_outside_mask: bool = True, output_type: str = "pil", **pipeline_kwargs) -> list:
+                 keep_outside_mask: bool = True, output_type: str = "pil",
+                 original_size: tuple[int, int] | None = None, crops_coords_top_left: tuple[int, int] | None = None,
+                 target_size: tuple[int, int] | None = None, **pipeline_kwargs) -> list:
         """Generates ``num_images`` per prompt. Returns PIL images (or float arrays in [0, 1] for ``"np"``).
 
         Defaults (None) are the official apps' (:func:`recipe_defaults`): ``adapter_scale`` 0.5 and
@@ -162,6 +179,10 @@ class FacePortraitGenerator:
         ``int(strength * steps)`` steps). With ``keep_outside_mask`` the template's pixels outside the mask are
         pasted back, so only the face region changes (the inpainting portrait mode). ControlNet:
         ``control_image``. ``lora_scale`` scales a loaded LoRA for this call.
+
+        SDXL only: ``original_size``, ``crops_coords_top_left`` and ``target_size`` are SDXL's micro-conditioning,
+        (h, w) and (top, left) pairs; None is the pipeline's default (the generated size; (0, 0)). They apply to
+        both guidance branches (diffusers' ``negative_*`` variants follow them unless given in ``pipeline_kwargs``).
         """
         if "scale" in pipeline_kwargs:  # diffusers would swallow it silently: the old name of adapter_scale
             raise TypeError("scale= is not an option of the generator: the adapter scale is adapter_scale=")
@@ -189,13 +210,21 @@ class FacePortraitGenerator:
         if inpaint and not (0.0 < strength <= 1.0 and int(strength * num_inference_steps) >= 1):
             raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no denoising step: "
                              "strength must be in (0, 1] and strength x steps at least 1")
+        micro = {k: v for k, v in (("original_size", original_size), ("crops_coords_top_left", crops_coords_top_left),
+                                   ("target_size", target_size)) if v is not None}
+        if micro and self.base_type != SDXL:  # an SD1.5 pipeline would swallow them silently (its **kwargs)
+            raise ValueError(f"{', '.join(micro)} is SDXL's micro-conditioning; this is a {kind}")
+        for name, pair in micro.items():
+            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+                raise ValueError(f"{name} must be a pair of integers, got {pair!r}")
+            micro[name] = tuple(int(v) for v in pair)
         batch = len(prompts) * num_images
         condition = dict(guidance=guidance_scale > 1.0, text_only_guidance=text_only_guidance, lora_scale=lora_scale)
         with_face = self.cross_attention_kwargs(identity, batch, adapter_scale=adapter_scale, **condition)
         kwargs = dict(
             prompt=prompts, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
             num_inference_steps=num_inference_steps, num_images_per_prompt=num_images, output_type="np",
-            cross_attention_kwargs=with_face,
+            cross_attention_kwargs=with_face, **micro,
             generator=None if seed is None else torch.Generator("cpu").manual_seed(seed),
         )
         if face_delay > 0:
