@@ -94,8 +94,9 @@ def tiny_controlnet(unet: nn.Module, seed: int = 0, *, trained_like: bool = True
     return controlnet.requires_grad_(False).eval()
 
 
-def random_tiny_adapter(unet, seed: int = 0):
-    """A seeded random tiny adapter (64-wide face tokens) with non-zero gates, attached to ``unet``."""
+def random_tiny_adapter(unet, seed: int = 0, sites: str = "block"):
+    """A seeded random tiny adapter (64-wide face tokens) with non-zero gates, attached to ``unet`` (the tiny
+    SD1.5 or SDXL stand-in: the projection's output width is the UNet's; ``sites="stack"`` for SDXL's)."""
     from .models.injection import FaceAdapter
     from .models.resampler import TINY_RESAMPLER
 
@@ -103,7 +104,7 @@ def random_tiny_adapter(unet, seed: int = 0):
     cross = unet.config.cross_attention_dim
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        adapter = FaceAdapter.for_unet(unet, dataclasses.replace(TINY_RESAMPLER, output_dim=cross))
+        adapter = FaceAdapter.for_unet(unet, dataclasses.replace(TINY_RESAMPLER, output_dim=cross), sites=sites)
         with torch.no_grad():
             for block in adapter.blocks.values():
                 block.alpha_attn.fill_(1.0)

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from fact_lightning.inference.bases import BASE_TYPE_KEY, adapter_base_type
 from fact_lightning.models.adapter_io import FORMAT_VERSION, load_adapter, read_adapter_metadata, save_adapter
 from fact_lightning.interop.official import export_fact_checkpoint
 from fact_lightning.models.injection import FaceAdapter
@@ -61,3 +62,23 @@ def test_bad_native_files_are_clear_errors(trained_adapter, tiny_base, tmp_path)
     other_unet = tiny_base_model(seed=0, cross_attention_dim=48).unet
     with pytest.raises(ValueError, match="another UNet layout"):
         load_adapter(path, other_unet)
+
+
+def test_the_base_type_is_recorded_and_files_without_it_still_load(trained_adapter, tiny_base, tmp_path):
+    typed = save_adapter(trained_adapter, tmp_path / "typed.safetensors", {"step": 3}, base_type="sd15")
+    plain = save_adapter(trained_adapter, tmp_path / "plain.safetensors", {"step": 3})
+    assert read_adapter_metadata(typed)[BASE_TYPE_KEY] == "sd15" and adapter_base_type(typed) == "sd15"
+    assert BASE_TYPE_KEY not in read_adapter_metadata(plain) and adapter_base_type(plain) is None
+    assert json.loads(read_adapter_metadata(typed)["step"]) == 3  # the other metadata as before
+    trained_adapter.detach()
+    for path in (typed, plain):  # the key changes nothing for the loader
+        loaded = load_adapter(path, tiny_base.unet)
+        assert len(loaded.attached_blocks) == 16
+        loaded.detach()
+    assert read_adapter_metadata(save_adapter(trained_adapter, tmp_path / "xl.safetensors",
+                                              base_type="sdxl"))[BASE_TYPE_KEY] == "sdxl"
+    with pytest.raises(ValueError, match="base_type must be one of sd15, sdxl, got 'sd3'"):
+        save_adapter(trained_adapter, tmp_path / "bad.safetensors", base_type="sd3")
+    with pytest.raises(ValueError, match="metadata says base_type='sdxl' but base_type='sd15'"):
+        save_adapter(trained_adapter, tmp_path / "bad.safetensors", {BASE_TYPE_KEY: "sdxl"}, base_type="sd15")
+    assert not (tmp_path / "bad.safetensors").exists()

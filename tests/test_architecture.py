@@ -81,3 +81,16 @@ def test_no_import_cycles():
         if module not in state:
             visit(module, [module])
     assert not cycles, cycles[:5]
+
+
+def test_the_inference_commands_parse_their_options_before_torch_loads():
+    """fact-generate and fact-evaluate answer a mistake in their options in under a second: importing their CLI
+    modules (options, help, the recipe, base types) loads no torch."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, fact_lightning.inference.cli, fact_lightning.evaluation.cli; "
+             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout

@@ -9,7 +9,8 @@ never carries them.
 Native libraries write to file descriptor 2 directly (mediapipe's TFLite and absl lines on its first
 detection), past Python's logging: :func:`native_noise_filtered` catches them while the detector starts.
 :func:`quiet_library_noise` drops the Python-level messages of Lightning and torch that say nothing about a
-run (fact-train, the FAIR ablation).
+run (fact-train, the FAIR ablation); :func:`setup_logging` drops diffusers' dtype-cast notice, which SDXL's
+pipelines provoke themselves (:data:`_FP32_CAST_NOTICE`).
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class _RandomWeightsNotice(logging.Filter):
 
 def setup_logging(verbose: bool = False, *, tiny: bool = False) -> None:
     """Our loggers at INFO (DEBUG with ``verbose``) through rich on stderr; other libraries at WARNING."""
+    # On the emitting logger: diffusers writes through a handler of its own, past the root logger's.
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(_FP32_CAST_NOTICE)
     handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
     if tiny:
         handler.addFilter(_RandomWeightsNotice())
@@ -69,6 +72,12 @@ class _DropMessages(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not any(f in record.getMessage() for f in self.fragments)
+
+
+# diffusers' ModelMixin.to warns on every dtype cast that names a dtype, with an empty module list too. SDXL's
+# inpainting pipeline casts its VAE to float32 and back itself (force_upcast) on every call, float32 runs
+# included: nothing the user did or can change.
+_FP32_CAST_NOTICE = _DropMessages("that should be kept in float32")
 
 
 def quiet_library_noise() -> None:

@@ -25,7 +25,8 @@ import typer
 
 from fact_lightning.checks import FRACTION, PIXELS, SEED, Range, check_template, count, number
 from fact_lightning.inference.prompts import PLACEHOLDERS
-from fact_lightning.inference.recipe import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_SCHEDULER, DEFAULT_STEPS,
+from fact_lightning.base_types import BASE_TYPES
+from fact_lightning.inference.recipe import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE_PROMPT, DEFAULT_STEPS,
                                              INFERENCE_ADAPTER_SCALE, INPAINT_ADAPTER_SCALE, SCHEDULERS)
 
 WEIGHTS, SAMPLING = "Weights", "Sampling"
@@ -152,7 +153,11 @@ class WeightOptions:
 
     base: Annotated[Optional[str], typer.Option(
         metavar="DIR|HUB_ID|FILE", rich_help_panel=WEIGHTS,
-        help="SD1.5-style diffusers folder, hub id or single .safetensors file.")] = None
+        help="SD1.5 or SDXL diffusers folder or hub id, or a single SD1.5 .safetensors file.")] = None
+    base_type: Annotated[Optional[Literal[BASE_TYPES]], typer.Option(
+        metavar="sd15|sdxl", rich_help_panel=WEIGHTS, show_default=False,
+        help="The base model's type; default: what the --adapter file records, else what --base holds, else "
+             "sd15. With --tiny: the random stand-in to build.")] = None
     adapter: Annotated[Optional[Path], typer.Option(
         metavar="FILE", rich_help_panel=WEIGHTS,
         help="FACT adapter: our .safetensors export or the official FACT torch file.")] = None
@@ -168,9 +173,10 @@ class WeightOptions:
     controlnet: Annotated[Optional[str], typer.Option(
         metavar="DIR|HUB_ID", rich_help_panel=WEIGHTS,
         help="ControlNet folder or hub id (e.g. SD1.5 OpenPose); 'tiny' with --tiny.")] = None
-    scheduler: Annotated[Literal[SCHEDULERS], typer.Option(
-        metavar="NAME", rich_help_panel=WEIGHTS,
-        help=f"Sampler: {_choices(SCHEDULERS)} (pndm: SD1.5's, the official apps').")] = DEFAULT_SCHEDULER
+    scheduler: Annotated[Optional[Literal[SCHEDULERS]], typer.Option(
+        metavar="NAME", rich_help_panel=WEIGHTS, show_default=False,
+        help=f"Sampler: {_choices(SCHEDULERS)}; default: the base's own: PNDM for SD1.5 (the official apps'), "
+             "Euler for SDXL.")] = None
     detector: Annotated[Literal["mediapipe", "facexlib"], typer.Option(
         metavar="NAME", rich_help_panel=WEIGHTS,
         help="Face detector: mediapipe (offline) or facexlib.")] = "mediapipe"
@@ -199,7 +205,8 @@ class WeightOptions:
             face_encoder_variant=self.face_encoder_variant, mode=mode, controlnet=self.controlnet,
             loras=self.loras, scheduler=self.scheduler, detector=self.detector,
             detector_weights=None if self.detector_weights is None else str(self.detector_weights),
-            device=self.device, dtype=self.dtype, local_files_only=self.local_files_only, tiny=self.tiny)
+            device=self.device, dtype=self.dtype, local_files_only=self.local_files_only, tiny=self.tiny,
+            base_type=self.base_type)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -244,7 +251,7 @@ class SamplingOptions:
         count(1, 1000), metavar="INT", rich_help_panel=SAMPLING, help="Denoising steps.")] = DEFAULT_STEPS
     height: Annotated[Optional[int], numeric(
         PIXELS, metavar="PX", rich_help_panel=SAMPLING,
-        help="Image height (default: the model's, 512 for SD1.5).")] = None
+        help="Image height (default: the model's, 512 for SD1.5, 1024 for SDXL).")] = None
     width: Annotated[Optional[int], numeric(
         PIXELS, metavar="PX", rich_help_panel=SAMPLING, help="Image width (default: the model's).")] = None
 

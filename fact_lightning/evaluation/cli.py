@@ -94,7 +94,7 @@ def evaluate(opts: EvaluateOptions, weights: WeightOptions, sampling: SamplingOp
     from torch.utils.tensorboard import SummaryWriter
 
     from fact_lightning.inference.recipe import DEFAULT_GUIDANCE
-    from fact_lightning.inference.loading import load_detector, load_generator, weight_problems
+    from fact_lightning.inference.loading import load_detector, load_generator, resolved_sources, weight_problems
     from fact_lightning.inference.outputs import OutputFolder
     from fact_lightning.weights import MissingWeightsError, raise_if_missing
     from fact_lightning.tiny import tiny_clip
@@ -104,7 +104,7 @@ def evaluate(opts: EvaluateOptions, weights: WeightOptions, sampling: SamplingOp
 
     if not opts.clip and not weights.tiny:
         raise MissingWeightsError("no CLIP model given: pass --clip (a local CLIP folder or hub id)")
-    sources = weights.sources("txt2img")
+    sources = resolved_sources(weights.sources("txt2img"))  # base type settled, the scheduler named
     # Every weight file is checked before anything loads, so one message names all that are missing.
     raise_if_missing([*weight_problems(sources),
                       *filter(None, [opts.clip and clip_problem(opts.clip, local_files_only=weights.local_files_only)])])

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-SD15, SDXL = "sd15", "sdxl"
-BASE_TYPES = (SD15, SDXL)
-LABELS = {SD15: "SD1.5", SDXL: "SDXL"}
-BASE_TYPE_KEY = "base_type"  # our adapter files' metadata key (models.adapter_io.save_adapter's header)
+from fact_lightning.base_types import BASE_TYPE_KEY, BASE_TYPES, LABELS, SD15, SDXL
 # Each base's own sampler when the caller names none: SD1.5's scheduler_config.json (PNDM, which the official
 # FACT apps sample with) and SDXL base 1.0's (Euler).
 OWN_SCHEDULER = {SD15: "pndm", SDXL: "euler"}

@@ -117,7 +117,7 @@ def generate(opts: GenerateOptions, weights: WeightOptions, sampling: SamplingOp
 
     from fact_lightning.faces.reference import NoFaceError, face_region_mask
     from fact_lightning.inference.recipe import recipe_defaults
-    from fact_lightning.inference.loading import load_detector, load_generator
+    from fact_lightning.inference.loading import load_detector, load_generator, resolved_sources
     from fact_lightning.inference.outputs import OutputFolder, read_image
 
     mode = _mode(opts, weights)
@@ -130,6 +130,8 @@ def generate(opts: GenerateOptions, weights: WeightOptions, sampling: SamplingOp
     template = read_image(opts.template, "template photo") if opts.template else None
     mask = read_image(opts.mask, "mask image")[..., 0] if opts.mask else None
     control = read_image(opts.control_image, "control image") if opts.control_image else None
+    # SD1.5 or SDXL, from the adapter file and --base alone (a mismatch stops here), and the base's own sampler.
+    sources = resolved_sources(sources)
 
     with native_noise_filtered():
         detector = load_detector(sources)
@@ -170,7 +172,8 @@ def generate(opts: GenerateOptions, weights: WeightOptions, sampling: SamplingOp
                     entries.append({"file": name, "prompt": prompt, "seed": seed, "index": k})
                     bar.advance(task)
         settings = {
-            "mode": mode, "sources": sources.to_dict(), "references": [str(p) for p in opts.reference],
+            "mode": mode, "base_type": sources.base_type, "sources": sources.to_dict(),
+            "references": [str(p) for p in opts.reference],
             "aligned_reference": opts.aligned_reference, "any_face": opts.any_face,
             "negative_prompt": sampling.negative_prompt, "adapter_scale": call["adapter_scale"],
             "guidance_scale": guidance, "strength": strength, "text_only_guidance": sampling.text_only_guidance,
@@ -186,12 +189,13 @@ def generate(opts: GenerateOptions, weights: WeightOptions, sampling: SamplingOp
 
 
 HELP = help_text("""
-    Portraits of the person in the reference photos: a FACT adapter on SD1.5.
+    Portraits of the person in the reference photos: a FACT adapter on SD1.5 or SDXL (the adapter file
+    says which).
 
     Writes OUT/images/*.png, OUT/references/*.png (the aligned faces the encoder saw) and
-    OUT/settings.json. Defaults are the official FACT apps': PNDM, 50 steps, guidance 7.0 and adapter
-    scale 0.5 (inpainting: guidance 5.0, adapter scale 0.55, strength 0.6, one pass), guidance over text
-    and face at once (Eq. 5).
+    OUT/settings.json. Defaults are the official FACT apps': PNDM (on SDXL: its own Euler), 50 steps,
+    guidance 7.0 and adapter scale 0.5 (inpainting: guidance 5.0, adapter scale 0.55, strength 0.6, one
+    pass), guidance over text and face at once (Eq. 5).
 """)
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..base_types import BASE_TYPE_KEY, BASE_TYPES
 from .injection import FaceAdapter
 from .resampler import ResamplerConfig
 from .unet_layout import BlockSite, transformer_block_sites
@@ -17,15 +18,24 @@ FORMAT_VERSION = 1
 
 
 def save_adapter(adapter: FaceAdapter, path: str | Path, metadata: dict | None = None,
-                 dtype: torch.dtype | None = None) -> Path:
+                 dtype: torch.dtype | None = None, *, base_type: str | None = None) -> Path:
     """Writes the adapter's weights (projection + every block) as safetensors, atomically.
 
     ``metadata`` (base model, step, training config, ...) is stored as JSON strings beside the format
     version, the projection sizes and the block layout, so the file is self-describing. ``dtype`` casts the
     written weights (float16 halves the file); loading casts them back to the adapter's dtype.
+    ``base_type`` ("sd15" or "sdxl") is recorded under ``base_type``, so that inference picks the base model's
+    loader from the adapter file (``inference.bases.adapter_base_type``); a file without it (older exports) runs
+    on the base model's layout, SD1.5 when that does not tell.
     """
     from safetensors.torch import save_file
 
+
+    if base_type is not None and base_type not in BASE_TYPES:
+        raise ValueError(f"base_type must be one of {', '.join(BASE_TYPES)}, got {base_type!r}")
+    recorded = (metadata or {}).get(BASE_TYPE_KEY)
+    if base_type is not None and recorded is not None and recorded != base_type:
+        raise ValueError(f"metadata says {BASE_TYPE_KEY}={recorded!r} but base_type={base_type!r} was given")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {
@@ -35,6 +45,8 @@ def save_adapter(adapter: FaceAdapter, path: str | Path, metadata: dict | None =
         "sites": json.dumps([site.__dict__ for site in adapter.sites]),
     }
     header.update({k: v if isinstance(v, str) else json.dumps(v, default=str) for k, v in (metadata or {}).items()})
+    if base_type is not None:
+        header[BASE_TYPE_KEY] = base_type
     tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in adapter.state_dict().items()}
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=header)

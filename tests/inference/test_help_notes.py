@@ -29,9 +29,18 @@ def test_fact_evaluate_help_names_no_option_it_lacks():
 
 def test_fact_generate_help_keeps_the_inpainting_defaults():
     text = _help(generate_app)
-    assert "SD1.5-style diffusers folder, hub id or single .safetensors file. An inpainting model with --template." in text
+    assert ("SD1.5 or SDXL diffusers folder or hub id, or a single SD1.5 .safetensors file. An inpainting model "
+            "with --template.") in text
     assert "With --template: 0.55, the official inpainting app's." in text
     assert "(default 7.0). With --template: default 5.0." in text
+
+
+def test_fact_generate_help_names_each_base_and_its_own_sampler():
+    text = _help(generate_app)
+    assert "a FACT adapter on SD1.5 or SDXL (the adapter file says which)" in text
+    assert "default: the base's own: PNDM for SD1.5 (the official apps'), Euler for SDXL." in text
+    assert "--base-type" in text
+    assert "default: what the --adapter file records, else what --base holds, else sd15" in text
 
 
 @dataclasses.dataclass(kw_only=True)
