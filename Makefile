@@ -19,15 +19,15 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist loadgroup --durations=30
 
-# The main job on the embedded defaults: shards from the sample photos (tiny random TransFace), a short
-# tiny-config training run on CPU (TensorBoard logs, checkpoints, exported adapters), then portraits
-# generated with the adapter it trained.
+# The main job on the embedded defaults: shards from the sample photos (tiny random TransFace; one identity held
+# out for validation, in $(DEMO)/shards/val), a short tiny-config training run on CPU (TensorBoard logs with
+# validation every 50 steps, checkpoints, exported adapters), then portraits generated with the adapter it trained.
 DEMO := demo_out
 demo: $(STAMP)
 	$(VENV)/bin/fact-data build --src tests/fixtures/faces/raw --out $(DEMO)/shards \
-		--resolution 128 --encoder tiny --random-encoder --images-per-shard 4 --vae tiny
+		--resolution 128 --encoder tiny --random-encoder --images-per-shard 4 --vae tiny --val-identities 1
 	$(VENV)/bin/fact-train fit --config configs/tiny.yaml --data.root $(DEMO)/shards \
-		--trainer.default_root_dir $(DEMO)/runs/tiny
+		--data.val_root $(DEMO)/shards/val --trainer.default_root_dir $(DEMO)/runs/tiny
 	$(VENV)/bin/fact-generate --tiny --adapter $(DEMO)/runs/tiny/adapters/final/adapter.safetensors \
 		--reference tests/fixtures/faces/raw/fr_obama/1.jpg --prompt "a photo of a man, best quality" \
 		--seed 0 --seed 1 --steps 10 --height 128 --width 128 --out $(DEMO)/generate --overwrite

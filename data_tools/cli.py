@@ -131,6 +131,15 @@ def build(**values: Any) -> None:
 
         manifest = run_build(opts, progress=lambda n: progress.advance(task, n), on_plan=on_plan)
     _print_summary(manifest, opts.out)
+    if manifest.get("split"):
+        from fact_lightning.data.shards import read_manifest
+
+        held = read_manifest(opts.held_out_folder)
+        _print_summary(held, opts.held_out_folder)
+        c = held["counts"]
+        out_console.print(f"held out {len(manifest['split']['held_out'])} identities "
+                          f"({', '.join(manifest['split']['held_out'])}): {c['samples']} samples, {c['images']} images "
+                          f"in {opts.held_out_folder} (train with data.val_root: {opts.held_out_folder})")
 
 
 def _print_summary(manifest: dict, out: Path) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 from data_tools.declare import check_fields, option
 from data_tools.records import RecordOptions
 from data_tools.sources import CAPTION_PLACEHOLDERS, DEFAULT_CAPTION_TEMPLATE
+from data_tools.holdout import parse_val_identities
 from fact_lightning.checks import SEED, check_template, count, number
 
 
@@ -84,12 +85,29 @@ class BuildOptions:
                                  choices=("auto", "dlib", "transface"))
     identity_threshold: float | None = option(None, "Distance threshold (dlib default 0.6, TransFace cosine 0.6).",
                                               range=number(above=0.0, max=100.0))
+    val_identities: str | None = option(None, "Hold out whole identities for validation: a count K (drawn with "
+                                              "--val-seed) or comma-separated names. Their photos go to --val-out "
+                                              "with its own manifest, never into the training shards.")
+    val_seed: int = option(0, "Seed of the draw of --val-identities K (the same seed holds out the same people).",
+                           range=SEED)
+    val_out: Path | None = option(None, "Folder of the held-out shard set; default <out>/val (training on --out "
+                                        "never reads it; give it as data.val_root).")
 
     def __post_init__(self) -> None:
         check_fields(self)
         check_template(self.caption_template, CAPTION_PLACEHOLDERS, "--caption-template")
         if self.drop_mismatched and not self.verify_identities:
             raise ValueError("drop_mismatched needs verify_identities")
+        parse_val_identities(self.val_identities)
+        if self.val_out is not None and self.val_identities is None:
+            raise ValueError("--val-out needs --val-identities (which identities to hold out)")
+        if self.val_identities is not None and Path(self.held_out_folder).resolve() == Path(self.out).resolve():
+            raise ValueError("--val-out must be another folder than --out")
+
+    @property
+    def held_out_folder(self) -> Path:
+        """Where the held-out identities' shards go (``--val-out``, default ``<out>/val``)."""
+        return Path(self.val_out) if self.val_out is not None else Path(self.out) / "val"
 
     def fingerprint(self) -> dict:
         """Options that change shard contents (not paths, workers, device or resume)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -31,6 +32,7 @@ Pairs = list[tuple[ImageRecord, np.ndarray]]  # accepted records of one identity
 class ShardBuilder:
     def __init__(self, opts: BuildOptions, progress: ProgressFn):
         self.opts = opts
+        self.out = Path(opts.out)  # where shards go: --out, then the held-out set's folder (build.py sets it)
         self.progress = progress
         self.device = resolve_device(opts.device)
         self.model, info = load_encoder(opts.encoder, opts.encoder_weights, opts.random_encoder)
@@ -54,6 +56,7 @@ class ShardBuilder:
             self.vae_info = latents.with_shape(info, self.vae, opts.record.resolution)
 
     def process_shard(self, plan: ShardPlan) -> dict:
+        """Builds one planned shard into ``self.out``."""
         start = time.perf_counter()
         if self.processor is None:  # started lazily: a fully resumed build spawns nothing
             o = self.opts
@@ -81,7 +84,7 @@ class ShardBuilder:
         tokens = iter(list(encode_faces(self.model, faces, self.device, self.opts.batch_size)))
         groups = [(identity, [(r, next(tokens)) for r in kept]) for identity, kept in accepted]
         groups = self._verify(groups, rejects)
-        return self._write(plan, groups, rejects, time.perf_counter() - start)
+        return self._write(plan, groups, rejects, time.perf_counter() - start, self.out)
 
     def _verify(self, groups: list[tuple[IdentityPlan, Pairs]], rejects: list[Reject]):
         flat = [pair for _, pairs in groups for pair in pairs]
@@ -110,8 +113,7 @@ class ShardBuilder:
         return checked
 
     def _write(self, plan: ShardPlan, groups: list[tuple[IdentityPlan, Pairs]], rejects: list[Reject],
-               elapsed: float) -> dict:
-        out = self.opts.out
+               elapsed: float, out: Path) -> dict:
         counts, samples, images = {}, 0, 0
         path = out / plan.name
         planned = []  # (identity, group index, [(record, tokens)]) in file order

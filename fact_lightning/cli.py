@@ -11,6 +11,9 @@ refused in one line if it is no training checkpoint, or if this run changes an o
 follow (``training/resume.py``), so ``config.yaml`` is rewritten only by a run that does what it says. Every fit
 saves its last step and stops on SIGTERM/SIGINT/SIGUSR1/SIGHUP at a step boundary with a checkpoint
 (``callbacks/run_end.py``, exit status 128 + the signal's number).
+
+``validate`` computes the fit's validation numbers for any checkpoint (``--ckpt_path``) and writes its events
+and config to ``<run folder>/validate``, at the checkpoint's step, never into the fit's own curves.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
 RUN_LOCK = ".fact-train.lock"
+VALIDATE_FOLDER = "validate"  # fact-train validate's events and config.yaml, inside the run folder
 _CHECKPOINT_WORDS = ("best", "last", "hpc")  # what Lightning reads as a ckpt_path other than a file
 _GPU_ACCELERATORS = ("gpu", "cuda")
 # What runs any config on one CPU process: each trainer setting, and its CPU value.
@@ -77,7 +81,13 @@ class FactCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config.trainer
-        if trainer.logger in (None, True):  # the run folder itself is the TensorBoard log dir: no version_N
+        if self.subcommand == "validate" and _is_tensorboard(trainer.logger):
+            # A fit's config.yaml names its run folder as the log dir: validate writes beside it, in
+            # <run>/validate (its events, config.yaml), never into the fit's curves or over its config.
+            trainer.logger = Namespace(class_path=DEFAULT_LOGGER, init_args=Namespace(
+                save_dir=str(Path(trainer.default_root_dir or ".") / VALIDATE_FOLDER), name="", version="",
+                default_hp_metric=False))
+        elif trainer.logger in (None, True):  # the run folder itself is the TensorBoard log dir: no version_N
             trainer.logger = Namespace(class_path=DEFAULT_LOGGER, init_args=Namespace(
                 save_dir=trainer.default_root_dir or ".", name="", version="", default_hp_metric=False))
 
@@ -167,7 +177,14 @@ class FactCLI(LightningCLI):
             raise UserError("fact-train validate needs validation data: set data.val_root to a shard folder")
         self.check_weights()
         self.datamodule.check()
-        self._read_ckpt_path(self.config_init[self.subcommand].get("ckpt_path"), verify=True)
+        checkpoint = self._read_ckpt_path(self.config_init[self.subcommand].get("ckpt_path"), verify=True)
+        if checkpoint is not None:
+            # Logged at the x of the fit's own validation of these weights (Lightning's logging step counter,
+            # which validate alone would leave at 0), so the two curves line up in TensorBoard.
+            loop = (checkpoint.get("loops") or {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+            stepped = loop.get("_batches_that_stepped")
+            if isinstance(stepped, int):
+                self.trainer.fit_loop.epoch_loop._batches_that_stepped = stepped
 
     def _read_ckpt_path(self, ckpt_path, verify: bool) -> dict | None:
         """The checkpoint a file ``--ckpt_path`` names (tensors memory-mapped), or one error line naming it."""
@@ -181,6 +198,13 @@ class FactCLI(LightningCLI):
         if callback is not None and callback.dirpath:
             return Path(callback.dirpath)
         return self.run_folder() / "checkpoints"
+
+
+def _is_tensorboard(logger) -> bool:
+    """The default logger (unset, True) or a TensorBoardLogger named in the config."""
+    if logger in (None, True):
+        return True
+    return isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("TensorBoardLogger")
 
 
 def named_weight_files(config, where: str = "") -> Iterator[tuple[str, str]]:

@@ -1,10 +1,10 @@
 """Previews worth watching: fixed identities, prompts and seeds, with and without the adapter, every N steps.
 
 At fit start :class:`Previews` reads its preview identities once from shards (named identities, or the first
-K in shard order; from the training data or a held-out ``preview_root``): each one's first image, i.e. its
-cached face tokens, its aligned face and its crop. At step 0 (``on_train_start``) and every ``every_n_steps``
-optimizer steps it generates each (identity, prompt, seed) twice, at the inference adapter scale and at
-scale 0 (exactly the base model), and on global rank 0:
+K in shard order; from ``preview_root``, else the held-out ``data.val_root``, else the training data): each
+one's first image, i.e. its cached face tokens, its aligned face and its crop. At step 0 (``on_train_start``)
+and every ``every_n_steps`` optimizer steps it generates each (identity, prompt, seed) twice, at the inference
+adapter scale and at scale 0 (exactly the base model), and on global rank 0:
 
 * writes PNG files::
 
@@ -162,7 +162,8 @@ class Previews(pl.Callback):
         every_n_steps: preview every this many optimizer steps (and at step 0); 0 turns previews off.
         identities: identity names to preview, as the shards name them; None: the first ``num_identities``.
         num_identities: how many identities to take when ``identities`` is None.
-        preview_root: a shards folder to take the identities from (held-out people); default the training data's.
+        preview_root: a shards folder to take the identities from; default the data module's ``val_root`` (the
+            held-out people) when it has one, else its training shards.
         prompts: the prompts themselves (a list), or a prompt file (``inference.prompts`` format, read when the
             callback is made, so a missing file fails before the run starts); ``{subject}`` is replaced; None:
             one plain prompt.
@@ -227,9 +228,15 @@ class Previews(pl.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "previews"
 
     def _data_root(self, trainer: pl.Trainer) -> Path:
+        """``preview_root``, else the data module's held-out set (``data.val_root``: the identity curve is then
+        measured on people training never saw), else its training shards."""
         if self.preview_root:
             return Path(self.preview_root)
-        root = getattr(getattr(trainer, "datamodule", None), "root", None)
+        datamodule = getattr(trainer, "datamodule", None)
+        val_root = (getattr(datamodule, "hparams", None) or {}).get("val_root")
+        if val_root:
+            return Path(val_root)
+        root = getattr(datamodule, "root", None)
         if root is None:
             raise ValueError("Previews needs preview_root when the trainer has no FactDataModule")
         return Path(root)

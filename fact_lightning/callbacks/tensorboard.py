@@ -1,4 +1,4 @@
-"""A TensorBoard custom-scalars layout: FAIR and gate values grouped by UNet depth.
+"""A TensorBoard custom-scalars layout: FAIR and gate values grouped by UNet depth, train and val side by side.
 
 The module logs each adapter site under its short name (``gate_attn/down1.a0.b0``, ``models.unet_layout.
 site_name``); this layout charts the sites of one depth (``res1_down``: ``unet_layout.depth_tag``) together.
@@ -27,11 +27,22 @@ def scalars_layout(depths: dict[str, str]) -> dict:
             "conditions": ["Multiline", ["conditions/.*", "curriculum/p_shuffle"]],
             "throughput": ["Multiline", ["perf/samples_per_sec"]],
         },
+        # Each train curve beside its held-out one (val: fixed noise and timesteps, no drop or shuffle), and the
+        # identity curve of the previews.
+        "train vs val": {
+            "loss (Eq. 4)": ["Multiline", ["^train/loss$", "^val/loss$"]],
+            "diffusion": ["Multiline", ["^train/diffusion$", "^val/diffusion$"]],
+            "FAIR total": ["Multiline", ["^train/fair_total$", "^val/fair_total$"]],
+            "preview face similarity": ["Multiline", ["^preview/face_similarity(?:_base)?$"]],
+        },
     }
     for category, prefix in (("FAIR by depth", "fair"), ("gate tanh(g_attn) by depth", "gate_attn"),
                              ("gate tanh(g_ff) by depth", "gate_ff")):
         layout[category] = {depth: ["Multiline", [f"^{prefix}/(?:{'|'.join(names)})$"]]
                             for depth, names in groups.items()}
+    layout["FAIR by depth, train vs val"] = {
+        depth: ["Multiline", [f"^fair/(?:{'|'.join(names)})$", f"^val/fair/(?:{'|'.join(names)})$"]]
+        for depth, names in groups.items()}
     return layout
 
 

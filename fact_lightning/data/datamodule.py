@@ -83,7 +83,8 @@ class FactDataModule(pl.LightningDataModule):
         shuffle: shuffle the in-memory set each epoch (``streaming=False`` only; the stream always shuffles).
         max_consecutive_errors: stop with an error after this many unreadable samples or shards in a row.
         pin_memory: page-locked batches, for faster asynchronous copies to a GPU.
-        val_root: an optional second dataset folder read in memory for validation.
+        val_root: an optional second dataset folder read in memory for validation: held-out identities
+            (``fact-data build --val-identities``: ``<root>/val``) or any other shards of the same encoder.
         worker_timeout: seconds a reader process (``num_workers > 0``) may take for one batch before the run
             stops with an error: a stuck read never hangs training.
     """
@@ -199,6 +200,8 @@ class FactDataModule(pl.LightningDataModule):
             world = self.trainer.world_size if self.trainer is not None else 1
             self._check_batches(self.manifest, world, None if hp.streaming else len(self._train))
         if self._val is None and hp.val_root and stage in (None, "fit", "validate"):
+            if self.manifest is None:  # validate alone: the training shards' resolution is what the model trained at
+                self._read(self.root)
             data = self._read(Path(hp.val_root))
             self._val = _InMemory(read_all(data["urls"], resolution=self.resolution, token_shape=data["token_shape"],
                                            resize=hp.resize, seed=hp.seed, handler=self.handler,
@@ -225,6 +228,8 @@ class FactDataModule(pl.LightningDataModule):
     def val_dataloader(self):
         if self._val is None:
             return []
+        # In order, every sample; Lightning's distributed sampler splits it over ranks (repeating a few samples
+        # to even them out: the module counts each sample once). No draw here: validation is the same every time.
         return DataLoader(self._val, batch_size=self.hparams.batch_size, shuffle=False, num_workers=0)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -108,6 +108,16 @@ class ConditionProbabilities:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {value}")
 
 
+VALIDATION_STEP = -1  # the step validation draws are keyed by: training steps are >= 0, so they never coincide
+
+
+def validation_probabilities(mask_loss: float) -> ConditionProbabilities:
+    """What validation measures: every sample with its paired face and its caption (no drop, no shuffle, so no
+    draw decides them); the masked-loss choice M_r(p) stays a per-sample draw, fixed by the sample's key, so the
+    validation loss is Eq. 4 as training computes it, on the same noise and timesteps every time."""
+    return ConditionProbabilities(p_shuffle=0.0, face_drop=0.0, text_drop=0.0, mask_loss=mask_loss, joint_drop=0.0)
+
+
 @dataclass
 class Decisions:
     """A batch's decisions, each (B,): ``face`` holds FaceChoice values (on the batch's device); the others are

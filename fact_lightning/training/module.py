@@ -21,8 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.distributed import ReduceOp
 
 from . import losses, resume
-from .conditioning import (ConditionProbabilities, FaceChoice, ShuffleSchedule, decide, draw_normal, draw_timesteps,
-                            sample_generators)
+from .conditioning import (VALIDATION_STEP, ConditionProbabilities, FaceChoice, ShuffleSchedule, decide, draw_normal,
+                            draw_timesteps, sample_generators, validation_probabilities)
 from ..checks import Range
 from ..errors import UserError
 from ..files import sha256_file
@@ -33,7 +33,7 @@ from ..models.unet_layout import depth_tag
 from .base_spec import BaseModelSpec
 from .init_adapter import check_init_adapter, load_init_adapter
 from .nonfinite import NonFiniteTracker, TrainingDiverged
-from .step_logging import gate_values, log_step
+from .step_logging import ValidationTally, gate_values, log_step
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,7 @@ class FactModule(pl.LightningModule):
         self._saved_shuffle: dict | None = None  # the curriculum a resumed checkpoint ran with
         # The optimizer settings as configured, before a restore puts the checkpoint's back (resume.py).
         self._configured_optimizer: tuple[list[dict], list[float] | None] | None = None
+        self._val_tally = ValidationTally()
 
     # -- building --------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -273,13 +274,15 @@ class FactModule(pl.LightningModule):
         dist = self.vae.encode(batch["pixels"].to(self.vae.dtype)).latent_dist
         return dist.mean, dist.std
 
-    def compute_losses(self, batch: dict, step: int) -> dict:
+    def compute_losses(self, batch: dict, step: int, probabilities: ConditionProbabilities | None = None) -> dict:
         """Loss terms for one batch; every random draw from per-sample generators keyed by (seed, step, key).
 
-        A negative ``step`` (validation) gives fixed draws and the curriculum's starting p_shuffle.
+        A negative ``step`` gives fixed draws and the curriculum's starting p_shuffle; ``probabilities``
+        overrides the step's (validation: no drop, no shuffle). ``diffusion_per_sample`` and ``fair_per_sample``
+        hold the (B,) terms that the batch means are taken over.
         """
         generators = sample_generators(self.hparams.seed, step, list(batch["key"]))
-        probabilities = self.probabilities(step)
+        probabilities = probabilities or self.probabilities(step)
         decisions = decide(generators, probabilities, batch.get("shuffle_available"))
         with torch.no_grad():
             mean, std = self.latent_distribution(batch)
@@ -305,12 +308,14 @@ class FactModule(pl.LightningModule):
         # Eq. 4's M: the binary face region on the latent grid, as FAIR's M_x is on each block's grid.
         face_latent = losses.face_region(batch["mask"].to(latents.dtype), latent_hw)
         loss_mask = losses.random_loss_masks(face_latent, self._from_host(decisions.use_mask))
-        diffusion = losses.masked_diffusion_loss(pred, target, loss_mask, self.hparams.mask_loss_normalize).mean()
+        per_sample = losses.masked_diffusion_loss(pred, target, loss_mask, self.hparams.mask_loss_normalize)
+        diffusion = per_sample.mean()
         fair_means = {path: value.mean() for path, value in fair.items()}
         fair_total = torch.stack(list(fair_means.values())).sum()
         weight_fair = self.hparams.fair_weight
         total = diffusion + weight_fair * fair_total if weight_fair > 0 else diffusion
         return {"loss": total, "diffusion": diffusion, "fair_total": fair_total, "fair": fair_means,
+                "diffusion_per_sample": per_sample, "fair_per_sample": fair,
                 "decisions": decisions, "records": records, "p_shuffle": probabilities.p_shuffle}
 
     def training_step(self, batch: dict, batch_idx: int):
@@ -366,12 +371,19 @@ class FactModule(pl.LightningModule):
             return False
         return self.trainer._logger_connector.should_update_logs
 
+    # -- validation: the same numbers for any step, batch position, world size and rank -------------------
+    def on_validation_epoch_start(self) -> None:
+        self._val_tally = ValidationTally()
+
     def validation_step(self, batch: dict, batch_idx: int):
-        out = self.compute_losses(batch, step=-1 - batch_idx)  # fixed draws: comparable across validations
-        size = len(batch["key"])
-        self.log("val/loss", out["loss"], batch_size=size, sync_dist=True)
-        self.log("val/diffusion", out["diffusion"], batch_size=size, sync_dist=True)
-        self.log("val/fair_total", out["fair_total"], batch_size=size, sync_dist=True)
+        # Draws keyed by (seed, VALIDATION_STEP, sample key) only; the paired face and the caption always.
+        out = self.compute_losses(batch, VALIDATION_STEP, validation_probabilities(self.hparams.mask_loss_prob))
+        self._val_tally.add(list(batch["key"]), out["diffusion_per_sample"], out["fair_per_sample"])
+
+    def on_validation_epoch_end(self) -> None:
+        # Per-sample values gathered from every rank, a sample counted once (a distributed sampler pads with
+        # repeats) and summed in key order: the means do not depend on how the set was split.
+        self._val_tally.log(self, self.hparams.fair_weight)
 
     # -- logging ---------------------------------------------------------------------------------------
     def _log_step(self, batch: dict, out: dict) -> None:
