@@ -5,6 +5,9 @@ place whole, so a folder that is there is complete: a kill or a full disk during
 folder or none. After each export the run folder's ``README.md``, a model card (:mod:`.model_card`), is
 rewritten atomically to name it. A fit that ends with nothing left to train (a resume at ``max_steps``) still
 writes the final export if no complete one of that step is there (the previous run was killed while writing it).
+With an :class:`~fact_lightning.callbacks.ema.AdapterEMA` callback each export also holds the averaged weights:
+``adapter_ema.safetensors`` (metadata ``ema``: decay, warm-up, updates) and, where the official file is written,
+``fact_adapter_ema.bin``.
 
 Sizes at SD1.5 scale (255.5M trainable parameters): an adapter file is 511 MB in float16 (1.02 GB in float32);
 a full training checkpoint (float32 weights + Adam's two moments) is about 3.07 GB, so keep only the last few
@@ -27,12 +30,15 @@ from ..errors import UserError
 from ..files import assembled_folder, remove_staging, replace_path, staging_name, write_failure
 from ..models.adapter_io import nonfinite_tensors, read_adapter_metadata, save_adapter
 from ..models.injection import FaceAdapter
+from .ema import averaged_weights, find_ema
 from .model_card import CARD_NAME, gather_facts, render_card, write_card
 
 log = logging.getLogger(__name__)
 
 NATIVE_NAME = "adapter.safetensors"
 OFFICIAL_NAME = "fact_adapter.bin"
+EMA_NATIVE_NAME = "adapter_ema.safetensors"
+EMA_OFFICIAL_NAME = "fact_adapter_ema.bin"
 FINAL = "final"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -64,6 +70,7 @@ class AdapterExport(pl.Callback):
         self._folder = Path(dirpath) if dirpath else None
         self._run: Path | None = None  # the run folder: its README.md is the model card
         self._exported: str | None = None  # this process's latest export (a step's top-k and last save: one)
+        self._ema = False  # the trainer has an AdapterEMA: every export also writes the averaged weights
 
     def _root(self, trainer: pl.Trainer) -> Path:
         if self.dirpath:
@@ -74,6 +81,7 @@ class AdapterExport(pl.Callback):
         # trainer.log_dir is a broadcast: every rank must ask for it, so it is asked once here, not on rank 0 later.
         self._run = Path(trainer.log_dir or trainer.default_root_dir)
         self._folder = Path(self.dirpath) if self.dirpath else self._run / "adapters"
+        self._ema = find_ema(trainer) is not None
         if trainer.is_global_zero:
             for folder in (self._folder, self._run):  # what an export or a card write killed half-way left
                 if folder.is_dir():
@@ -105,7 +113,10 @@ class AdapterExport(pl.Callback):
             written = read_adapter_metadata(folder / NATIVE_NAME).get("step")
         except Exception:  # absent, or an older writer's partial file
             return False
-        return written == str(step) and (self.official != "final" or (folder / OFFICIAL_NAME).is_file())
+        names = [OFFICIAL_NAME] if self.official == "final" else []
+        if self._ema:
+            names += [EMA_NATIVE_NAME] + ([EMA_OFFICIAL_NAME] if self.official == "final" else [])
+        return written == str(step) and all((folder / n).is_file() for n in names)
 
     def _export_final(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step_folder = self._folder / f"step-{trainer.global_step:06d}"
@@ -117,17 +128,26 @@ class AdapterExport(pl.Callback):
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str, official: bool) -> Path | None:
         state = pl_module.full_adapter_state()  # a collective under FSDP: every rank takes part
+        ema_state, ema = None, None
+        with averaged_weights(trainer, pl_module) as ema:
+            if ema is not None:  # the same gather, of the averaged weights (swapped in on every rank); copied,
+                # as CPU weights come back as the live tensors themselves, which get the raw weights back
+                ema_state = {k: v.clone() for k, v in pl_module.full_adapter_state().items()}
         if not trainer.is_global_zero:
+            # Every rank skips the same repeated saves of a step (top-k and last): under FSDP2 the gathers above
+            # are collectives, and a rank that gathers again alone waits forever.
+            self._exported = name
             return None
-        bad = nonfinite_tensors(state)
-        if bad:
-            raise NonFiniteAdapterError(f"the adapter has non-finite weights ({len(bad)} tensors, e.g. {bad[0]}) at "
-                                        f"step {trainer.global_step}; nothing was exported")
+        for what, weights in (("adapter", state), ("adapter's EMA", ema_state)):
+            bad = nonfinite_tensors(weights or {})
+            if bad:
+                raise NonFiniteAdapterError(f"the {what} has non-finite weights ({len(bad)} tensors, e.g. {bad[0]}) "
+                                            f"at step {trainer.global_step}; nothing was exported")
         folder = (self._folder or self._root(trainer)) / name
         adapter = pl_module.adapter
         if pl_module.device_mesh is not None:  # sharded: write from an unsharded copy
-            adapter = FaceAdapter(pl_module.adapter.sites, pl_module.adapter.projection.config)
-            adapter.load_state_dict(state, strict=True)
+            adapter = _unsharded_copy(pl_module.adapter, state)
+        averaged = _unsharded_copy(pl_module.adapter, ema_state) if ema_state is not None else None
         data = getattr(trainer, "datamodule", None)
         manifest = getattr(data, "manifest", None) or {}
         metadata = {
@@ -142,6 +162,11 @@ class AdapterExport(pl.Callback):
                 save_adapter(adapter, staged / NATIVE_NAME, metadata, dtype=_DTYPES.get(self.dtype))
                 if official:
                     self._write_official(pl_module, adapter, staged / OFFICIAL_NAME)
+                if averaged is not None:
+                    ema_metadata = {**metadata, "ema": json.dumps({**ema.settings(), "updates": ema.updates})}
+                    save_adapter(averaged, staged / EMA_NATIVE_NAME, ema_metadata, dtype=_DTYPES.get(self.dtype))
+                    if official:
+                        self._write_official(pl_module, averaged, staged / EMA_OFFICIAL_NAME)
         except Exception as exc:
             error = _write_error(exc, f"the adapter export {folder}", "nothing was written there")
             if error is None:
@@ -151,10 +176,13 @@ class AdapterExport(pl.Callback):
         self.written.append(folder / NATIVE_NAME)
         if official:
             self.written.append(folder / OFFICIAL_NAME)
+        if averaged is not None:
+            self.written += [folder / EMA_NATIVE_NAME] + ([folder / EMA_OFFICIAL_NAME] if official else [])
         log.info("exported the adapter to %s", folder)
         run = self._run or Path(trainer.default_root_dir)
         try:
-            write_card(run, render_card(gather_facts(trainer, pl_module, run, folder / NATIVE_NAME)))
+            ema_file = folder / EMA_NATIVE_NAME if averaged is not None else None
+            write_card(run, render_card(gather_facts(trainer, pl_module, run, folder / NATIVE_NAME, ema_file)))
         except Exception as exc:
             error = _write_error(exc, f"the model card {run / CARD_NAME}", "the previous card is unchanged")
             if error is None:
@@ -176,6 +204,13 @@ class AdapterExport(pl.Callback):
             if swapped:
                 adapter.detach()
                 pl_module.adapter.attach(pl_module.unet)
+
+
+def _unsharded_copy(adapter: FaceAdapter, state: dict[str, torch.Tensor]) -> FaceAdapter:
+    """A plain (unsharded, CPU) adapter of ``adapter``'s layout holding ``state``, in the state's dtype (exact)."""
+    copy = FaceAdapter(adapter.sites, adapter.projection.config).to(next(iter(state.values())).dtype)
+    copy.load_state_dict(state, strict=True)
+    return copy
 
 
 def _write_error(exc: BaseException, what: str, outcome: str) -> UserError | None:

@@ -44,6 +44,8 @@ class CardFacts:
     val: dict[str, float] = field(default_factory=dict)
     preview: str | None = None
     encoder_variant: str | None = None
+    ema: dict[str, Any] | None = None  # the EMA's settings (decay, warmup) when it was on
+    ema_adapter: str | None = None  # the EMA weights' file, beside ``adapter``
 
 
 def _value(value: Any) -> str:
@@ -77,6 +79,7 @@ def render_card(facts: CardFacts) -> str:
         f"- Init adapter: {init}",
         f"- Steps done: {facts.step}",
         f"- Adapter: [`{facts.adapter}`]({facts.adapter})",
+        f"- EMA: {_ema_line(facts)}",
         "",
         "## Data",
         "",
@@ -113,6 +116,14 @@ def render_card(facts: CardFacts) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _ema_line(facts: CardFacts) -> str:
+    if facts.ema is None:
+        return "off (no averaged weights)"
+    warmup = ", warmed up as min(decay, (1 + n) / (10 + n))" if facts.ema.get("warmup") else ""
+    where = f": [`{facts.ema_adapter}`]({facts.ema_adapter})" if facts.ema_adapter else ""
+    return f"on (decay {_value(facts.ema.get('decay'))}{warmup}){where}"
 
 
 def _generate_lines(facts: CardFacts) -> list[str]:
@@ -178,9 +189,12 @@ def _newest_preview(run: Path) -> str | None:
     return grids[-1].relative_to(run).as_posix() if grids else None
 
 
-def gather_facts(trainer: pl.Trainer, pl_module: pl.LightningModule, run: Path, adapter: Path) -> CardFacts:
-    """The card's values for a fit at its current step, ``adapter`` being the file just exported."""
+def gather_facts(trainer: pl.Trainer, pl_module: pl.LightningModule, run: Path, adapter: Path,
+                 ema_adapter: Path | None = None) -> CardFacts:
+    """The card's values for a fit at its current step, ``adapter`` being the file just exported (and
+    ``ema_adapter`` its EMA beside it)."""
     from ..training.base_spec import TinyBase
+    from .ema import find_ema
 
     hp = pl_module.hparams
     data = getattr(trainer, "datamodule", None)
@@ -208,6 +222,7 @@ def gather_facts(trainer: pl.Trainer, pl_module: pl.LightningModule, run: Path, 
         recipe["optimizer"] = type(optimizer).__name__
         recipe["lr"] = group.get("initial_lr", group.get("lr"))
     spec = pl_module.base_spec
+    ema = find_ema(trainer)
     return CardFacts(
         adapter=Path(os.path.relpath(adapter, run)).as_posix(),
         step=trainer.global_step,
@@ -221,6 +236,8 @@ def gather_facts(trainer: pl.Trainer, pl_module: pl.LightningModule, run: Path, 
         val=_metrics(trainer, sorted(k for k in trainer.callback_metrics if k.startswith("val/"))),
         preview=_newest_preview(run),
         encoder_variant=((manifest or {}).get("encoder") or {}).get("variant"),
+        ema=ema.settings() if ema is not None else None,
+        ema_adapter=Path(os.path.relpath(ema_adapter, run)).as_posix() if ema_adapter else None,
     )
 
 

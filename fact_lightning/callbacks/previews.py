@@ -310,9 +310,11 @@ class Previews(pl.Callback):
 
     # -- what -----------------------------------------------------------------------------------------------
     def generate(self, pl_module: pl.LightningModule, trainer: pl.Trainer) -> list[_Preview]:
-        """Every (identity, prompt, seed) at the adapter scale and at scale 0 (in the training precision)."""
+        """Every (identity, prompt, seed) at the adapter scale and at scale 0 (in the training precision), with
+        the EMA weights when the trainer has an ``AdapterEMA`` (the raw weights are back afterwards)."""
         from ..inference.generator import FacePortraitGenerator, IdentityCondition
         from ..models.base import BaseModel
+        from .ema import averaged_weights
 
         module = pl_module
         base = BaseModel(module.unet, module.vae, module.text_encoder, module.tokenizer, module.noise_scheduler)
@@ -322,7 +324,7 @@ class Previews(pl.Callback):
         module.eval()
         out = []
         try:
-            with trainer.precision_plugin.forward_context():
+            with averaged_weights(trainer, module), trainer.precision_plugin.forward_context():
                 for identity in self.identities:
                     condition = IdentityCondition(torch.from_numpy(identity.tokens.astype(np.float32))[None])
                     for p, prompt in enumerate(self.prompts):

@@ -16,6 +16,9 @@ The policy, by option class:
   ``configure_model`` loaded the file. Another file's content, or the option added or removed, is refused:
   an official file's ``ln`` replaces the frozen UNet's norm2, which checkpoints do not hold, so the resumed
   run would train against other norms than the run it continues.
+* the adapter's EMA (``callbacks/ema.py``, a callback's state in the checkpoint): applied from here on, with a
+  warning. A changed decay or warm-up continues the saved average with the new settings; an EMA added starts
+  from the resumed weights; an EMA removed drops the checkpoint's average (nothing else depends on it).
 """
 
 from __future__ import annotations
@@ -188,9 +191,36 @@ def describe(changes: list[Change]) -> str:
     return ", ".join(f"{name} {old!r} -> {new!r}" for name, old, new in changes)
 
 
-def check(checkpoint: dict, module, datamodule=None) -> list[Change]:
+_AVERAGING = "trainer.callbacks.AdapterEMA"
+AVERAGING_FORMAT = "fact-adapter-ema"  # the ``format`` of AdapterEMA's state among a checkpoint's callbacks
+
+
+def averaging_settings(state: dict | None) -> dict | None:
+    """An EMA state's settings (decay, warm-up), or None for no state."""
+    return {"decay": state.get("decay"), "warmup": state.get("warmup")} if state else None
+
+
+def saved_averaging(checkpoint: dict) -> dict | None:
+    """The settings of the EMA a checkpoint holds, or None when it was trained without one."""
+    for state in (checkpoint.get("callbacks") or {}).values():
+        if isinstance(state, dict) and state.get("format") == AVERAGING_FORMAT:
+            return averaging_settings(state)
+    return None
+
+
+def averaging_changes(saved: dict | None, current: dict | None) -> list[Change]:
+    """The EMA's changed settings between a checkpoint and this run (None: no EMA); all are applied."""
+    if saved is None and current is None:
+        return []
+    if saved is None or current is None:
+        return [(_AVERAGING, "on" if saved else "off", "on" if current else "off")]
+    return option_changes(saved, current, _AVERAGING)
+
+
+def check(checkpoint: dict, module, datamodule=None, callbacks=None) -> list[Change]:
     """The whole check of a resume, before anything is written: the base model (unless the module allows
-    another), the model's, optimizer's and scheduler's refusals; returns the changes the run applies."""
+    another), the model's, optimizer's and scheduler's refusals; returns the changes the run applies.
+    ``callbacks``: the trainer's, for the EMA's changes (its settings come from a callback's ``settings()``)."""
     base, saved_base = module.base_spec.describe(), (checkpoint.get("fact") or {}).get("base")
     if module.hparams.check_base_on_resume and saved_base not in (None, base):
         raise ResumeRefused(f"model.base is {base!r} but the checkpoint was trained on {saved_base!r}: resume with "
@@ -199,6 +229,9 @@ def check(checkpoint: dict, module, datamodule=None) -> list[Change]:
     applied += refuse_optimizer_changes(checkpoint, module.optimizer_factory, module.scheduler_factory)
     if datamodule is not None:
         applied += option_changes(checkpoint.get("datamodule_hyper_parameters") or {}, dict(datamodule.hparams), "data")
+    if callbacks is not None:
+        averaging = [c for c in callbacks if type(c).__name__ == "AdapterEMA"]
+        applied += averaging_changes(saved_averaging(checkpoint), averaging[0].settings() if averaging else None)
     return applied
 
 
