@@ -19,7 +19,7 @@ from PIL import Image
 from data_tools.declare import check_fields, option
 from data_tools.sources import NO_IDENTITY, NOT_A_FILE, SourceItem
 from fact_lightning.checks import FRACTION, Range, count, number
-from fact_lightning.data import schema
+from fact_lightning.data import micro_conditioning, schema
 from fact_lightning.faces import alignment, masks
 from fact_lightning.faces.decode import DEFAULT_MAX_PIXELS, decode_image
 from fact_lightning.faces.detectors.base import FaceDetector
@@ -186,6 +186,7 @@ def process_item(item: SourceItem, detector: FaceDetector, opts: RecordOptions,
         "crop_landmarks": _round(alignment.apply_affine(to_crop, lm)),
         "align_matrix": np.round(to_face, 6).tolist(),
         "identity_check": None,
+        **micro_conditioning.record(box, (w, h), opts.resolution),  # SDXL's original size and crop corner
     }
     record = ImageRecord(item.source, item.identity, _jpg(crop, opts.jpeg_quality), _png(mask, "L"),
                          _png(aligned, "RGB"), aligned, meta)

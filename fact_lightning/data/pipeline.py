@@ -22,6 +22,9 @@ A training sample (the dict that ``ToTensors`` returns, batched by the default c
     caption           str
     latent_mean       (C, R/8, R/8) float32: the VAE latent mean of the crop, when the shards cache latents
     latent_std        (C, R/8, R/8) float32: its std (the model then skips the VAE)
+    original_size     (2,) float32: SDXL's micro-conditioning, the source photo's (h, w) (``micro_conditioning``)
+    crop_top_left     (2,) float32: the crop's (top, left) at the training crop's scale
+    micro_conditioning bool: whether the meta recorded them (else the crop's own size and (0, 0))
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from . import schema
+from . import micro_conditioning, schema
 from .members import Expected, decode_sample
 from .shards import ManifestError, tar_samples
 
@@ -269,6 +272,7 @@ class ToTensors:
         if face.shape[:2] != (schema.FACE_SIZE, schema.FACE_SIZE):
             raise ValueError(f"face {list(face.shape[:2])}, expected {schema.FACE_SIZE}x{schema.FACE_SIZE}")
         side = (self.resolution, self.resolution)
+        stored_side = crop.shape[1]
         if crop.shape[:2] != side:
             if not self.resize:
                 raise ValueError(f"crop {list(crop.shape[:2])}, expected {list(side)} (resize is off)")
@@ -279,6 +283,7 @@ class ToTensors:
             if t.ndim != 2 or (self.token_shape is not None and tuple(t.shape) != tuple(self.token_shape)):
                 raise ValueError(f"{name} {list(t.shape)}, expected {list(self.token_shape or ('N', 'D'))}")
         meta = image.get(schema.META) or {}
+        original, corner, recorded = micro_conditioning.read(meta, stored_side, self.resolution)
         latents = {} if self.ignore_latents else self._latents(image.get(schema.LATENT), crop.shape[1::-1])
         return {**latents,
             "key": sample["key"],
@@ -289,6 +294,8 @@ class ToTensors:
             "shuffled_tokens": torch.from_numpy(partner.astype(np.float32)),
             "shuffle_available": torch.tensor(sample["shuffle_available"]),
             "caption": str(meta.get("caption") or "") if isinstance(meta, dict) else "",
+            "original_size": torch.tensor(original), "crop_top_left": torch.tensor(corner),
+            "micro_conditioning": torch.tensor(recorded),
             "data_errors": torch.tensor(self.handler.count if self.handler else 0),
         }
 

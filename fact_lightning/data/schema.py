@@ -60,6 +60,9 @@ META_KEYS = (
     "crop_landmarks",  # 5x2 in CROP pixels
     "align_matrix",    # 2x3 similarity transform, source pixels -> FACE pixels
     "identity_check",  # null, or {"model", "distance", "threshold", "ok"} from identity verification
+    # SDXL's micro-conditioning (``micro_conditioning``); older shards lack them and still read (no version bump).
+    "original_size",   # [h, w] of the source image, source pixels
+    "crop_top_left",   # [top, left] of crop_box in the source, scaled by resolution / crop side, clamped at 0
 )
 
 # manifest.json keys.

@@ -1,4 +1,4 @@
-"""Which frozen SD1.5 parts to train on, as small typed objects that LightningCLI builds from ``class_path``.
+"""Which frozen SD1.5 or SDXL parts to train on, as small typed objects that LightningCLI builds from ``class_path``.
 
 A spec only describes; ``build()`` loads or creates the weights (in ``configure_model``, never at import
 or in a constructor); ``weight_problems()`` says, without loading anything, what ``build()`` would miss.
@@ -11,9 +11,12 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..base_types import SD15, SDXL
 from ..models.base import BaseModel, base_model_files, load_base_model
+from ..models.sdxl_base import SDXLBaseModel, load_sdxl_base_model, sdxl_base_model_files
 from ..models.single_file import is_single_file, single_file_problems, single_file_vae_name
 from ..tiny import tiny_base_model
+from ..tiny_sdxl import tiny_sdxl_base_model
 from ..weights import check_source
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
@@ -24,7 +27,10 @@ class BaseModelSpec:
     """Interface: ``build() -> BaseModel`` (frozen), ``describe() -> str`` for adapter metadata,
     ``describe_vae() -> str``: the VAE's name as ``fact-data --vae`` records it (``manifest["vae"]["name"]``),
     which training compares with the shards' cached latents, and ``weight_problems() -> list[str]``: what
-    ``build()`` would not find (``fact-train`` names them all before anything loads)."""
+    ``build()`` would not find (``fact-train`` names them all before anything loads). ``base_type``: the
+    family (``base_types.SD15`` or ``SDXL``) that exports record in an adapter's metadata."""
+
+    base_type = SD15
 
     def build(self) -> BaseModel:
         raise NotImplementedError
@@ -123,6 +129,87 @@ class TinyBase(BaseModelSpec):
 
     def describe_vae(self) -> str:
         return tiny_vae_name(self.seed)  # the VAE does not depend on cross_attention_dim
+
+
+class PretrainedSDXLBase(BaseModelSpec):
+    """SDXL base 1.0 (or a fine-tune in its layout) from a local diffusers folder or a hub id.
+
+    Args:
+        source: a folder holding unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/,
+            scheduler/, or a hub id (``stabilityai/stable-diffusion-xl-base-1.0``), loaded offline when cached.
+        revision, variant: as ``from_pretrained`` takes them (``variant: fp16`` for the half-size files).
+        frozen_dtype: dtype of the frozen weights (bfloat16 halves their memory; the adapter stays float32).
+            SDXL's VAE overflows in float16 (its config says ``force_upcast``): with ``float16`` it stays float32.
+    """
+
+    OPTION = "model.base.init_args.source"  # where fact-train's config names the source
+    base_type = SDXL
+
+    def __init__(
+        self,
+        source: str,
+        revision: str | None = None,
+        variant: str | None = None,
+        local_files_only: bool = False,
+        frozen_dtype: FrozenDtype = "float32",
+    ):
+        self.source = source
+        self.revision = revision
+        self.variant = variant
+        self.local_files_only = local_files_only
+        self.frozen_dtype = frozen_dtype
+
+    def build(self) -> SDXLBaseModel:
+        base = load_sdxl_base_model(self.source, revision=self.revision, variant=self.variant,
+                                    dtype=_DTYPES[self.frozen_dtype], local_files_only=self.local_files_only,
+                                    option=self.OPTION)
+        if self.frozen_dtype == "float16" and getattr(base.vae.config, "force_upcast", False):
+            nn.Module.to(base.vae, _DTYPES["float32"])  # NaN latents otherwise (SDXL's VAE in float16)
+        return base
+
+    def weight_problems(self) -> list[str]:
+        """The files of ``source`` that loading would miss, as one sentence; no weights are read."""
+        located = check_source(self.source, "SDXL base model folder", sdxl_base_model_files(self.variant),
+                               revision=self.revision, local_files_only=self.local_files_only, option=self.OPTION)
+        return [] if located.problem is None else [located.problem]
+
+    def describe(self) -> str:
+        return self.source if self.revision is None else f"{self.source}@{self.revision}"
+
+    def describe_vae(self) -> str:
+        """The base model's folder or hub id (+ ``@revision``): its ``vae/`` is the SDXL VAE, as
+        ``fact-data --vae`` names it when given the same folder (or its ``vae/``)."""
+        return vae_name(self.source, self.revision)
+
+
+class TinySDXLBase(BaseModelSpec):
+    """Seeded random components with SDXL's topology (:mod:`fact_lightning.tiny_sdxl`), for CPU tests and demos.
+
+    ``dtype="float64"`` serves numerical comparisons (e.g. distributed vs. single-process runs).
+    """
+
+    base_type = SDXL
+
+    def __init__(self, seed: int = 0, dtype: Literal["float32", "bfloat16", "float64"] = "float32"):
+        self.seed = seed
+        self.dtype = dtype
+
+    def build(self) -> SDXLBaseModel:
+        base = tiny_sdxl_base_model(seed=self.seed)
+        for module in base.frozen_modules():
+            nn.Module.to(module, _DTYPES[self.dtype])  # diffusers' .to warns about an empty fp32 list
+        return base
+
+    def describe(self) -> str:
+        return f"tiny_sdxl(seed={self.seed})"
+
+    def describe_vae(self) -> str:
+        return tiny_sdxl_vae_name(self.seed)
+
+
+def tiny_sdxl_vae_name(seed: int) -> str:
+    """The name of the tiny seeded VAE of ``tiny_sdxl_base_model(seed)`` (not the SD1.5 stand-in's VAE)."""
+    return f"tiny_sdxl(seed={seed})"
 
 
 def tiny_vae_name(seed: int) -> str:

@@ -1,8 +1,9 @@
-"""The FACT LightningModule: wires frozen SD1.5 parts, the adapter, the condition decisions and the losses.
+"""The FACT LightningModule: wires frozen SD1.5 or SDXL parts, the adapter, the condition decisions and the losses.
 
 It computes nothing new itself: losses are in ``losses.py``, decisions and the shuffle curriculum in
-``conditioning.py``, the adapter in ``models/``. Checkpoints hold only the adapter's weights (plus optimizer
-state, the curriculum and the skipped-step count).
+``conditioning.py``, the base family's text (and SDXL's micro-) conditions in ``text_conditioning.py``, the
+adapter in ``models/``. Checkpoints hold only the adapter's weights (plus optimizer state, the curriculum and
+the skipped-step count).
 """
 
 from __future__ import annotations
@@ -29,11 +30,12 @@ from ..files import sha256_file
 from ..models.injection import FaceAdapter, mark_only_adapter_trainable
 from ..models.resampler import ResamplerConfig
 from ..models.sfags import TRAINING_ADAPTER_SCALE
-from ..models.unet_layout import depth_tag
+from ..models.unet_layout import SiteChoice, depth_tag
 from .base_spec import BaseModelSpec
 from .init_adapter import check_init_adapter, load_init_adapter
 from .nonfinite import NonFiniteTracker, TrainingDiverged
 from .step_logging import ValidationTally, gate_values, log_step
+from .text_conditioning import text_conditioning
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +44,14 @@ LATENT_MEAN, LATENT_STD = "latent_mean", "latent_std"  # batch keys of cached VA
 
 
 class FactModule(pl.LightningModule):
-    """Trains Prj and one SFAGS per UNet transformer block on frozen SD1.5 (paper Eq. 3-4).
+    """Trains Prj and the SFAGS adapters on a frozen SD1.5 or SDXL base (paper Eq. 3-4).
 
     Args:
-        base: which frozen SD1.5 parts (``TinyBase`` or ``PretrainedBase``), built in ``configure_model``.
+        base: which frozen parts (``TinyBase``/``PretrainedBase`` for SD1.5, ``TinySDXLBase``/
+            ``PretrainedSDXLBase`` for SDXL), built in ``configure_model``.
         projection: the perceiver's sizes; its ``output_dim`` must be the UNet's cross-attention width.
+        sites: which transformer blocks take an SFAGS: ``block`` (every one: the paper's SD1.5 design),
+            ``stack`` (the first block of each transformer stack: SDXL's 11 sites) or a list of site names.
         optimizer, lr_scheduler: callables over the adapter's parameters (LightningCLI fills them). A fused
             Adam/AdamW (``fused: true``) skips a non-finite step on the device, without a host sync.
         adapter_scale: a in Eq. 2 during training (1.0 in the paper).
@@ -75,6 +80,7 @@ class FactModule(pl.LightningModule):
         self,
         base: BaseModelSpec,
         projection: ResamplerConfig = ResamplerConfig(),  # a frozen value object: the official sizes
+        sites: SiteChoice = "block",
         optimizer: OptimizerCallable = torch.optim.Adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         adapter_scale: float = TRAINING_ADAPTER_SCALE,
@@ -135,16 +141,21 @@ class FactModule(pl.LightningModule):
         if self.adapter is not None:
             return
         base = self.base_spec.build()
+        # Registered here so that Lightning moves them; the text conditioning holds the same modules.
         self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
         self.tokenizer, self.noise_scheduler = base.tokenizer, base.noise_scheduler
-        self.adapter = FaceAdapter.for_unet(self.unet, self.projection_config)
+        self.base_model = base  # the built parts (BaseModel or SDXLBaseModel), for callbacks: previews, exports
+        self.text = text_conditioning(base)
+        self.text_encoder_2 = getattr(base, "text_encoder_2", None)  # SDXL's second encoder
+        self._frozen = (self.unet, self.vae, *self.text.frozen_modules)
+        self.adapter = FaceAdapter.for_unet(self.unet, self.projection_config, self.hparams.sites)
         self.adapter.to(getattr(torch, self.hparams.adapter_dtype))
         if self.hparams.init_adapter:
             # After the cast (a float64 file stays exact in a float64 adapter; float16/32 files widen exactly)
             # and before any sharding. On a resume Lightning restores the checkpoint's adapter after this: its
             # weights win.
             load_init_adapter(self.hparams.init_adapter, self.adapter, self.unet)
-        mark_only_adapter_trainable(self.unet, self.adapter, self.vae, self.text_encoder)
+        mark_only_adapter_trainable(self.unet, self.adapter, *self._frozen[1:])
         if self.hparams.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if self.hparams.channels_last:
@@ -171,7 +182,7 @@ class FactModule(pl.LightningModule):
     def train(self, mode: bool = True):
         super().train(mode)
         if self.adapter is not None:  # frozen parts stay in eval mode (no dropout, fixed norms)
-            for module in (self.unet, self.vae, self.text_encoder):
+            for module in self._frozen:
                 module.eval()
             self.adapter.train(mode)  # its blocks sit inside the UNet, which was just set to eval
         return self
@@ -251,11 +262,9 @@ class FactModule(pl.LightningModule):
             t = t.pin_memory()
         return t.to(self.device, dtype, non_blocking=True)
 
-    @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(self._from_host(ids))[0]
+        """(B, 77, cross_dim) token states of ``captions``: the UNet's ``encoder_hidden_states``."""
+        return self.text.encode_text(captions, self._from_host)
 
     def face_embeddings(self, batch: dict, face: torch.Tensor) -> torch.Tensor:
         """(B, T, cross_dim) identity tokens: paired, shuffled or Prj(zeros) per ``face`` (B,) FaceChoice."""
@@ -290,7 +299,7 @@ class FactModule(pl.LightningModule):
             latents = (mean + std * eps) * self.vae.config.scaling_factor
             latents = latents.to(torch.promote_types(latents.dtype, torch.float32))
             captions = ["" if drop else c for c, drop in zip(batch["caption"], decisions.drop_text.tolist())]
-            text = self.encode_text(captions)
+            text = self.text.conditions(captions, batch, self._from_host)
         noise = self._from_host(draw_normal(generators, tuple(latents.shape[1:])), latents.dtype)
         timesteps = self._from_host(draw_timesteps(generators, self.noise_scheduler.config.num_train_timesteps))
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
@@ -302,8 +311,8 @@ class FactModule(pl.LightningModule):
         latent_hw = tuple(latents.shape[-2:])
         with self.adapter.capture() as records:
             kwargs = self.adapter.condition(embeddings, self.hparams.adapter_scale)
-            pred = self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=text,
-                             cross_attention_kwargs=kwargs).sample
+            pred = self.unet(noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=text.tokens,
+                             added_cond_kwargs=text.added_cond_kwargs, cross_attention_kwargs=kwargs).sample
             fair = losses.fair_per_block(records, batch["mask"], latent_hw, self.hparams.fair_denominator)
         # Eq. 4's M: the binary face region on the latent grid, as FAIR's M_x is on each block's grid.
         face_latent = losses.face_region(batch["mask"].to(latents.dtype), latent_hw)
@@ -411,6 +420,10 @@ class FactModule(pl.LightningModule):
             checkpoint["fact"]["lr_scheduler"] = resume.class_path(schedulers[0].scheduler) if schedulers else None
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "state_dict" not in checkpoint and self._trainer is not None and self.trainer.ckpt_path:
+            # ModelParallelStrategy (FSDP2) loads a full checkpoint's weights itself, non-strictly, and pops them
+            # before this hook: the keys are checked from the file instead.
+            checkpoint = {**checkpoint, "state_dict": resume.saved_state_keys(self.trainer.ckpt_path)}
         meta = resume.check_checkpoint(checkpoint, dict(self.hparams), self.adapter_keys(), self.base_spec.describe())
         self._saved_shuffle = meta.get("shuffle")  # compared in on_train_start, once this run's ramp is known
         self.nonfinite_steps = meta.get("nonfinite_steps", 0)

@@ -239,6 +239,11 @@ class CheckpointMismatch(UserError, RuntimeError):
     """The checkpoint's weights are not this adapter's (another model's checkpoint)."""
 
 
+def saved_state_keys(path) -> dict[str, None]:
+    """The weight names a checkpoint file holds (memory-mapped: no tensor is read)."""
+    return dict.fromkeys(torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("state_dict") or {})
+
+
 def check_checkpoint(checkpoint: dict, hparams: dict, adapter_keys: set[str], base: str) -> dict:
     """Refuses a checkpoint this run cannot continue (a newer format, other options, another adapter's keys,
     another base model unless ``check_base_on_resume`` is off); returns its ``fact`` record."""
