@@ -141,6 +141,11 @@ class FactModule(pl.LightningModule):
         if self.adapter is not None:
             return
         base = self.base_spec.build()
+        # The adapter is registered before the UNet that also holds its blocks (in their GLIGEN slots), so that
+        # each adapter weight's first name, the one torch.distributed.checkpoint uses, is its checkpoint key
+        # (adapter.blocks.*): registered after, the blocks were named unet.*.fuser.* and an FSDP2 resume left
+        # them at their fresh values without a word.
+        self.adapter = FaceAdapter.for_unet(base.unet, self.projection_config, self.hparams.sites)
         # Registered here so that Lightning moves them; the text conditioning holds the same modules.
         self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
         self.tokenizer, self.noise_scheduler = base.tokenizer, base.noise_scheduler
@@ -148,7 +153,6 @@ class FactModule(pl.LightningModule):
         self.text = text_conditioning(base)
         self.text_encoder_2 = getattr(base, "text_encoder_2", None)  # SDXL's second encoder
         self._frozen = (self.unet, self.vae, *self.text.frozen_modules)
-        self.adapter = FaceAdapter.for_unet(self.unet, self.projection_config, self.hparams.sites)
         self.adapter.to(getattr(torch, self.hparams.adapter_dtype))
         if self.hparams.init_adapter:
             # After the cast (a float64 file stays exact in a float64 adapter; float16/32 files widen exactly)
