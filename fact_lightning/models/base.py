@@ -63,6 +63,19 @@ def base_model_files(variant: str | None = None) -> list[Needed]:
             Needed("scheduler/scheduler_config.json")]
 
 
+def locate_base_folder(source: str | Path, what: str, needed: list[Needed], *, revision: str | None,
+                       local_files_only: bool, option: str | None) -> tuple[str, dict]:
+    """Where a base model's diffusers folder loads from (every file in ``needed`` checked first, or one
+    :class:`MissingWeightsError`), and the ``revision``/``local_files_only`` arguments for its ``from_pretrained``
+    calls."""
+    located = check_source(source, what, needed, revision=revision, local_files_only=local_files_only, option=option)
+    if located.source is None:
+        raise MissingWeightsError(f"could not load the {what.removesuffix(' folder')}: {located.problem}")
+    if located.source.local:
+        revision = None  # a folder (or a cached snapshot) is one revision already
+    return located.source.location, {"revision": revision, "local_files_only": local_files_only or located.source.local}
+
+
 def load_base_model(
     source: str | Path,
     *,
@@ -92,15 +105,8 @@ def load_base_model(
     if config is not None:
         raise ValueError(f"a config folder ({config}) goes with a single-file base; {source} is a folder or hub id, "
                          "whose own configs are used")
-    located = check_source(source, "base model folder", base_model_files(variant), revision=revision,
-                           local_files_only=local_files_only, option=option)
-    if located.source is None:
-        raise MissingWeightsError(f"could not load the base model: {located.problem}")
-    source = located.source.location
-    if located.source.local:
-        revision = None  # a folder (or a cached snapshot) is one revision already
-
-    common = {"revision": revision, "local_files_only": local_files_only or located.source.local}
+    source, common = locate_base_folder(source, "base model folder", base_model_files(variant), revision=revision,
+                                        local_files_only=local_files_only, option=option)
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=variant, torch_dtype=dtype, **common)
         vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=variant, torch_dtype=dtype, **common)

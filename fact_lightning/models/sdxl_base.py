@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..weights import MissingWeightsError, Needed, check_source
-from .base import base_model_files
+from ..weights import MissingWeightsError, Needed
+from .base import base_model_files, locate_base_folder
 
 TIME_IDS = 6  # original (h, w), crop top-left (top, left), target (h, w)
 # The folders SDXL adds to SD1.5's layout: a second text encoder and tokenizer, laid out as the first.
@@ -163,15 +163,8 @@ def load_sdxl_base_model(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    located = check_source(source, "SDXL base model folder", sdxl_base_model_files(variant), revision=revision,
-                           local_files_only=local_files_only, option=option)
-    if located.source is None:
-        raise MissingWeightsError(f"could not load the SDXL base model: {located.problem}")
-    source = located.source.location
-    if located.source.local:
-        revision = None  # a folder (or a cached snapshot) is one revision already
-
-    common = {"revision": revision, "local_files_only": local_files_only or located.source.local}
+    source, common = locate_base_folder(source, "SDXL base model folder", sdxl_base_model_files(variant),
+                                        revision=revision, local_files_only=local_files_only, option=option)
     weights = {"variant": variant, "torch_dtype": dtype, **common}
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)

@@ -45,7 +45,26 @@ class BaseModelSpec:
         return self.describe()
 
 
-class PretrainedBase(BaseModelSpec):
+class _WeightsFolderBase(BaseModelSpec):
+    """What the pretrained specs share: a source (folder, hub id or file) with its revision and variant, and
+    the dtype of the frozen weights."""
+
+    OPTION = "model.base.init_args.source"  # where fact-train's config names the source
+
+    def __init__(self, source: str, revision: str | None = None, variant: str | None = None,
+                 local_files_only: bool = False, frozen_dtype: FrozenDtype = "float32"):
+        self.source = source
+        self.revision = revision
+        self.variant = variant
+        self.local_files_only = local_files_only
+        self.frozen_dtype = frozen_dtype
+
+    def describe(self) -> str:
+        # The source alone (a file's configs only describe its layout): what the model card's load lines take.
+        return self.source if self.revision is None else f"{self.source}@{self.revision}"
+
+
+class PretrainedBase(_WeightsFolderBase):
     """An SD1.5-style model from a local diffusers folder, a hub id or a single-file checkpoint.
 
     Args:
@@ -57,8 +76,6 @@ class PretrainedBase(BaseModelSpec):
             text_encoder/, scheduler/; tokenizer/ optional); default: SD1.5's, shipped in the package.
     """
 
-    OPTION = "model.base.init_args.source"  # where fact-train's config names the source
-
     def __init__(
         self,
         source: str,
@@ -68,11 +85,7 @@ class PretrainedBase(BaseModelSpec):
         frozen_dtype: FrozenDtype = "float32",
         config: str | None = None,
     ):
-        self.source = source
-        self.revision = revision
-        self.variant = variant
-        self.local_files_only = local_files_only
-        self.frozen_dtype = frozen_dtype
+        super().__init__(source, revision, variant, local_files_only, frozen_dtype)
         self.config = config
 
     def build(self) -> BaseModel:
@@ -93,10 +106,6 @@ class PretrainedBase(BaseModelSpec):
         located = check_source(self.source, "base model folder", base_model_files(self.variant),
                                revision=self.revision, local_files_only=self.local_files_only, option=self.OPTION)
         return [] if located.problem is None else [located.problem]
-
-    def describe(self) -> str:
-        # The source alone (a file's configs only describe its layout): what the model card's load lines take.
-        return self.source if self.revision is None else f"{self.source}@{self.revision}"
 
     def describe_vae(self) -> str:
         """The base model's folder or hub id (+ ``@revision``): its ``vae/`` is the VAE. For a single file: its
@@ -131,7 +140,7 @@ class TinyBase(BaseModelSpec):
         return tiny_vae_name(self.seed)  # the VAE does not depend on cross_attention_dim
 
 
-class PretrainedSDXLBase(BaseModelSpec):
+class PretrainedSDXLBase(_WeightsFolderBase):
     """SDXL base 1.0 (or a fine-tune in its layout) from a local diffusers folder or a hub id.
 
     Args:
@@ -142,7 +151,6 @@ class PretrainedSDXLBase(BaseModelSpec):
             SDXL's VAE overflows in float16 (its config says ``force_upcast``): with ``float16`` it stays float32.
     """
 
-    OPTION = "model.base.init_args.source"  # where fact-train's config names the source
     base_type = SDXL
 
     def __init__(
@@ -153,11 +161,7 @@ class PretrainedSDXLBase(BaseModelSpec):
         local_files_only: bool = False,
         frozen_dtype: FrozenDtype = "float32",
     ):
-        self.source = source
-        self.revision = revision
-        self.variant = variant
-        self.local_files_only = local_files_only
-        self.frozen_dtype = frozen_dtype
+        super().__init__(source, revision, variant, local_files_only, frozen_dtype)
 
     def build(self) -> SDXLBaseModel:
         base = load_sdxl_base_model(self.source, revision=self.revision, variant=self.variant,
@@ -172,9 +176,6 @@ class PretrainedSDXLBase(BaseModelSpec):
         located = check_source(self.source, "SDXL base model folder", sdxl_base_model_files(self.variant),
                                revision=self.revision, local_files_only=self.local_files_only, option=self.OPTION)
         return [] if located.problem is None else [located.problem]
-
-    def describe(self) -> str:
-        return self.source if self.revision is None else f"{self.source}@{self.revision}"
 
     def describe_vae(self) -> str:
         """The base model's folder or hub id (+ ``@revision``): its ``vae/`` is the SDXL VAE, as
