@@ -258,7 +258,7 @@ def build_cli(args: list[str] | None = None) -> FactCLI:
         FactDataModule,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [RunEnd()]},  # every fit saves its last step and stops cleanly on signals
-        parser_kwargs={"description": "Train FACT face adapters on Stable Diffusion 1.5."},
+        parser_kwargs={"description": "Train FACT face adapters on Stable Diffusion 1.5 or SDXL."},
         parser_class=_OneLineParser,
         args=args,
     )

@@ -9,6 +9,11 @@ With an :class:`~fact_lightning.callbacks.ema.AdapterEMA` callback each export a
 ``adapter_ema.safetensors`` (metadata ``ema``: decay, warm-up, updates) and, where the official file is written,
 ``fact_adapter_ema.bin``.
 
+Every adapter file records its base type (``base_type``: ``sd15`` or ``sdxl``, the run's ``base_spec.base_type``),
+which ``fact-generate`` reads to pick the base's loader. The official FACT file format exists for SD1.5 only:
+on an SDXL base ``official: auto`` (the default) writes none, and ``final`` or ``always`` is refused at setup,
+before training, in one line.
+
 Sizes at SD1.5 scale (255.5M trainable parameters): an adapter file is 511 MB in float16 (1.02 GB in float32);
 a full training checkpoint (float32 weights + Adam's two moments) is about 3.07 GB, so keep only the last few
 (``ModelCheckpoint(save_top_k=K, monitor="step", mode="max")``).
@@ -26,6 +31,7 @@ from typing import Literal
 import lightning.pytorch as pl
 import torch
 
+from ..base_types import LABELS, SD15
 from ..errors import UserError
 from ..files import assembled_folder, remove_staging, replace_path, staging_name, write_failure
 from ..models.adapter_io import nonfinite_tensors, read_adapter_metadata, save_adapter
@@ -55,16 +61,18 @@ class AdapterExport(pl.Callback):
         dtype: the exported weights' dtype (float16 halves the files; training keeps its own precision); None
             writes them in the training dtype.
         official: when to also write the official FACT torch file (``fact_adapter.bin``): ``final`` (the end
-            of training only), ``always`` (every export) or ``never``.
+            of training only), ``always`` (every export), ``never``, or ``auto``: ``final`` on an SD1.5 base,
+            ``never`` on SDXL (the official format is SD1.5's alone; ``final``/``always`` there is refused).
         final: export when training ends. If the last checkpoint already exported that step, ``final`` is a
             link to it rather than a second copy.
     """
 
     def __init__(self, dirpath: str | None = None, dtype: Literal["float16", "bfloat16", "float32"] | None = "float16",
-                 official: Literal["final", "always", "never"] = "final", final: bool = True):
+                 official: Literal["auto", "final", "always", "never"] = "auto", final: bool = True):
         self.dirpath = dirpath
         self.dtype = dtype
         self.official = official
+        self._official = "final" if official == "auto" else official  # resolved for the run's base at setup
         self.final = final
         self.written: list[Path] = []
         self._folder = Path(dirpath) if dirpath else None
@@ -78,6 +86,8 @@ class AdapterExport(pl.Callback):
         return Path(trainer.log_dir or trainer.default_root_dir) / "adapters"
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":  # a refusal comes first, before anything is done; validate exports nothing
+            self._official = self._official_for(pl_module.base_spec)
         # trainer.log_dir is a broadcast: every rank must ask for it, so it is asked once here, not on rank 0 later.
         self._run = Path(trainer.log_dir or trainer.default_root_dir)
         self._folder = Path(self.dirpath) if self.dirpath else self._run / "adapters"
@@ -87,11 +97,23 @@ class AdapterExport(pl.Callback):
                 if folder.is_dir():
                     remove_staging(folder)
 
+    def _official_for(self, spec) -> Literal["final", "always", "never"]:
+        """When this run writes the official file: ``auto`` resolved for ``spec``'s base type; an explicit
+        ``final``/``always`` on a base the official format does not cover is one error line, before training."""
+        base_type = spec.base_type
+        if base_type == SD15:
+            return "final" if self.official == "auto" else self.official
+        if self.official in ("final", "always"):
+            raise UserError(f"AdapterExport official={self.official!r}: the official FACT file format exists for SD1.5 "
+                            f"only and this run's base {spec.describe()} is {LABELS[base_type]}; set official: never "
+                            "(our adapter.safetensors records the base type)")
+        return "never"
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         name = f"step-{trainer.global_step:06d}"
         if self._exported == name:
             return
-        self.export(trainer, pl_module, name, official=self.official == "always")
+        self.export(trainer, pl_module, name, official=self._official == "always")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.final:
@@ -113,18 +135,18 @@ class AdapterExport(pl.Callback):
             written = read_adapter_metadata(folder / NATIVE_NAME).get("step")
         except Exception:  # absent, or an older writer's partial file
             return False
-        names = [OFFICIAL_NAME] if self.official == "final" else []
+        names = [OFFICIAL_NAME] if self._official == "final" else []
         if self._ema:
-            names += [EMA_NATIVE_NAME] + ([EMA_OFFICIAL_NAME] if self.official == "final" else [])
+            names += [EMA_NATIVE_NAME] + ([EMA_OFFICIAL_NAME] if self._official == "final" else [])
         return written == str(step) and all((folder / n).is_file() for n in names)
 
     def _export_final(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step_folder = self._folder / f"step-{trainer.global_step:06d}"
-        if self.official != "final" and (step_folder / NATIVE_NAME).is_file():
+        if self._official != "final" and (step_folder / NATIVE_NAME).is_file():
             if trainer.is_global_zero:
                 _link(step_folder, self._folder / FINAL)
             return
-        self.export(trainer, pl_module, FINAL, official=self.official != "never")
+        self.export(trainer, pl_module, FINAL, official=self._official != "never")
 
     def export(self, trainer: pl.Trainer, pl_module: pl.LightningModule, name: str, official: bool) -> Path | None:
         state = pl_module.full_adapter_state()  # a collective under FSDP: every rank takes part
@@ -150,6 +172,7 @@ class AdapterExport(pl.Callback):
         averaged = _unsharded_copy(pl_module.adapter, ema_state) if ema_state is not None else None
         data = getattr(trainer, "datamodule", None)
         manifest = getattr(data, "manifest", None) or {}
+        base_type = pl_module.base_spec.base_type
         metadata = {
             "base_model": pl_module.base_spec.describe(),
             "step": str(trainer.global_step),
@@ -159,12 +182,14 @@ class AdapterExport(pl.Callback):
         }
         try:
             with assembled_folder(folder) as staged:
-                save_adapter(adapter, staged / NATIVE_NAME, metadata, dtype=_DTYPES.get(self.dtype))
+                save_adapter(adapter, staged / NATIVE_NAME, metadata, dtype=_DTYPES.get(self.dtype),
+                             base_type=base_type)
                 if official:
                     self._write_official(pl_module, adapter, staged / OFFICIAL_NAME)
                 if averaged is not None:
                     ema_metadata = {**metadata, "ema": json.dumps({**ema.settings(), "updates": ema.updates})}
-                    save_adapter(averaged, staged / EMA_NATIVE_NAME, ema_metadata, dtype=_DTYPES.get(self.dtype))
+                    save_adapter(averaged, staged / EMA_NATIVE_NAME, ema_metadata, dtype=_DTYPES.get(self.dtype),
+                                 base_type=base_type)
                     if official:
                         self._write_official(pl_module, averaged, staged / EMA_OFFICIAL_NAME)
         except Exception as exc:

@@ -15,6 +15,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from ..base_types import LABELS, SD15, SDXL
 from ..files import replace_path, staging_name
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,26 @@ log = logging.getLogger(__name__)
 CARD_NAME = "README.md"
 UNKNOWN = "unknown"
 TRAIN_KEYS = ("train/loss", "train/diffusion", "train/fair_total", "train/fair")
+FAMILIES = {SD15: "Stable Diffusion 1.5", SDXL: "Stable Diffusion XL"}
+
+
+@dataclass(frozen=True)
+class _Loader:
+    """How the card's Python lines build a base of one type: the tiny stand-in (its spec's ``describe()`` is
+    ``<tiny_name>(<arguments>)``, the builder's own arguments) or the real weights from a folder or hub id."""
+
+    tiny_module: str
+    tiny_builder: str
+    tiny_name: str
+    module: str
+    loader: str
+
+
+LOADERS = {
+    SD15: _Loader("fact_lightning.tiny", "tiny_base_model", "tiny", "fact_lightning.models.base", "load_base_model"),
+    SDXL: _Loader("fact_lightning.tiny_sdxl", "tiny_sdxl_base_model", "tiny_sdxl", "fact_lightning.models.sdxl_base",
+                  "load_sdxl_base_model"),
+}
 
 
 @dataclass(frozen=True)
@@ -36,6 +57,7 @@ class CardFacts:
     step: int
     base: str = UNKNOWN
     tiny: bool = False
+    base_type: str = SD15  # base_types.SD15 or SDXL: the title, and the base that the load lines build
     init_adapter: str | None = None
     init_adapter_sha256: str | None = None
     data: dict[str, Any] = field(default_factory=dict)
@@ -72,7 +94,8 @@ def render_card(facts: CardFacts) -> str:
     lines = [
         "# FACT face adapter",
         "",
-        f"A FACT identity adapter for Stable Diffusion 1.5, trained with `fact-train` for {facts.step} steps.",
+        f"A FACT identity adapter for {FAMILIES[facts.base_type]} ({LABELS[facts.base_type]}), trained with "
+        f"`fact-train` for {facts.step} steps.",
         "This card is rewritten at each adapter export.",
         "",
         f"- Base model: `{facts.base}`",
@@ -107,10 +130,7 @@ def render_card(facts: CardFacts) -> str:
         "",
         "```python",
         "from fact_lightning.models.adapter_io import load_adapter",
-        *(["from fact_lightning.tiny import tiny_base_model", "",
-           f"base = {facts.base.replace('tiny(', 'tiny_base_model(', 1)}"] if facts.tiny
-          else ["from fact_lightning.models.base import load_base_model", "",
-                f"base = load_base_model({facts.base!r})"]),
+        *_base_lines(facts),
         f"adapter = load_adapter({facts.adapter!r}, base.unet)  # attached; condition with adapter.condition(...)",
         "```",
         "",
@@ -126,8 +146,20 @@ def _ema_line(facts: CardFacts) -> str:
     return f"on (decay {_value(facts.ema.get('decay'))}{warmup}){where}"
 
 
+def _base_lines(facts: CardFacts) -> list[str]:
+    """The Python lines that build the base model ``base``: the tiny stand-in of the card's seed, or the real
+    weights of its type from the folder or hub id it names."""
+    how = LOADERS[facts.base_type]
+    if facts.tiny:
+        arguments = facts.base.removeprefix(how.tiny_name)  # "(seed=0, ...)": the builder takes the same
+        return [f"from {how.tiny_module} import {how.tiny_builder}", "", f"base = {how.tiny_builder}{arguments}"]
+    return [f"from {how.module} import {how.loader}", "", f"base = {how.loader}({facts.base!r})"]
+
+
 def _generate_lines(facts: CardFacts) -> list[str]:
     weights = ["--tiny"] if facts.tiny else [f"--base {facts.base}"]
+    if facts.base_type != SD15:  # the tiny stand-in to build; with real weights it says what the folder holds
+        weights.append(f"--base-type {facts.base_type}")
     variant = facts.encoder_variant
     if not facts.tiny:
         if variant in ("S", "B", "L"):
@@ -193,7 +225,7 @@ def gather_facts(trainer: pl.Trainer, pl_module: pl.LightningModule, run: Path, 
                  ema_adapter: Path | None = None) -> CardFacts:
     """The card's values for a fit at its current step, ``adapter`` being the file just exported (and
     ``ema_adapter`` its EMA beside it)."""
-    from ..training.base_spec import TinyBase
+    from ..training.base_spec import TinyBase, TinySDXLBase
     from .ema import find_ema
 
     hp = pl_module.hparams
@@ -227,7 +259,8 @@ def gather_facts(trainer: pl.Trainer, pl_module: pl.LightningModule, run: Path, 
         adapter=Path(os.path.relpath(adapter, run)).as_posix(),
         step=trainer.global_step,
         base=spec.describe(),
-        tiny=isinstance(spec, TinyBase),
+        tiny=isinstance(spec, (TinyBase, TinySDXLBase)),
+        base_type=spec.base_type,
         init_adapter=hp.get("init_adapter"),
         init_adapter_sha256=hp.get("init_adapter_sha256"),
         data=data_facts(manifest),

@@ -4,7 +4,8 @@ At fit start :class:`Previews` reads its preview identities once from shards (na
 K in shard order; from ``preview_root``, else the held-out ``data.val_root``, else the training data): each
 one's first image, i.e. its cached face tokens, its aligned face and its crop. At step 0 (``on_train_start``)
 and every ``every_n_steps`` optimizer steps it generates each (identity, prompt, seed) twice, at the inference
-adapter scale and at scale 0 (exactly the base model), and on global rank 0:
+adapter scale and at scale 0 (exactly the base model), through the inference generator over the module's own
+base (``module.base_model``: SD1.5's pipeline, or SDXL's with its pooled text and time ids), and on global rank 0:
 
 * writes PNG files::
 
@@ -52,7 +53,8 @@ from ..data import schema
 from ..data.shards import ShardError, iter_raw_samples, read_manifest, shard_urls
 from ..faces.identity import face_similarity, reference_embedding
 from ..inference.prompts import DEFAULT_SUBJECT, parse_prompts, read_prompts
-from ..inference.recipe import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, DEFAULT_STEPS, INFERENCE_ADAPTER_SCALE
+from ..inference.bases import OWN_SCHEDULER
+from ..inference.recipe import DEFAULT_GUIDANCE, DEFAULT_STEPS, INFERENCE_ADAPTER_SCALE
 from .preview_grid import labelled_grid, log_images, to_uint8
 
 log = logging.getLogger(__name__)
@@ -169,7 +171,8 @@ class Previews(pl.Callback):
             one plain prompt.
         subject: what ``{subject}`` becomes.
         seeds: one preview per seed for every identity and prompt.
-        inference_steps, guidance, adapter_scale, scheduler: the sampling settings (the official app's).
+        inference_steps, guidance, adapter_scale, scheduler: the sampling settings (the official app's);
+            ``scheduler`` None is the base's own: PNDM on SD1.5 (the official app's), Euler on SDXL.
         negative_prompt: None for the generator's default (the official one), "" for none.
         resolution: preview size in pixels; default the data module's ``resolution`` (else the crops' size).
         face_similarity: compute and log the identity curve (on global rank 0).
@@ -183,7 +186,7 @@ class Previews(pl.Callback):
                  subject: str = DEFAULT_SUBJECT,
                  seeds: list[int] | None = None, inference_steps: int = DEFAULT_STEPS,
                  guidance: float = DEFAULT_GUIDANCE, adapter_scale: float = INFERENCE_ADAPTER_SCALE,
-                 scheduler: str = DEFAULT_SCHEDULER,
+                 scheduler: str | None = None,
                  negative_prompt: str | None = None, resolution: int | None = None, face_similarity: bool = True,
                  detector: str = "mediapipe", encoder_weights: str | None = None, dirpath: str | None = None):
         if every_n_steps < 0 or num_identities < 1 or inference_steps < 1:
@@ -257,7 +260,8 @@ class Previews(pl.Callback):
         identities = [{"name": i.name, "label": i.label, "key": i.key} for i in self.identities]
         settings = {"root": str(root), "identities": identities,
                     "prompts": self.prompts, "seeds": self.seeds, "inference_steps": self.inference_steps,
-                    "guidance": self.guidance, "adapter_scale": self.adapter_scale, "scheduler": self.scheduler,
+                    "guidance": self.guidance, "adapter_scale": self.adapter_scale,
+                    "scheduler": self.scheduler or OWN_SCHEDULER[pl_module.base_spec.base_type],
                     "negative_prompt": self.negative_prompt, "resolution": self._size}
         folder = self.folder
         folder.mkdir(parents=True, exist_ok=True)
@@ -313,12 +317,12 @@ class Previews(pl.Callback):
         """Every (identity, prompt, seed) at the adapter scale and at scale 0 (in the training precision), with
         the EMA weights when the trainer has an ``AdapterEMA`` (the raw weights are back afterwards)."""
         from ..inference.generator import FacePortraitGenerator, IdentityCondition
-        from ..models.base import BaseModel
         from .ema import averaged_weights
 
         module = pl_module
-        base = BaseModel(module.unet, module.vae, module.text_encoder, module.tokenizer, module.noise_scheduler)
-        generator = FacePortraitGenerator.from_components(base, module.adapter, scheduler=self.scheduler)
+        # The module's own built parts (SD1.5's BaseModel or an SDXLBaseModel): the generator picks the base's
+        # pipeline from them, so SDXL previews run SDXL's (both text encoders, pooled text, time ids).
+        generator = FacePortraitGenerator.from_components(module.base_model, module.adapter, scheduler=self.scheduler)
         negative = {} if self.negative_prompt is None else {"negative_prompt": self.negative_prompt or None}
         was_training = module.training
         module.eval()

@@ -8,7 +8,7 @@ The policy, by option class:
 * applied: what the module reads at every step (condition drops, losses, seed, curriculum), the data and
   trainer options, and the optimizer's hyper-parameters, written into the restored param groups
   (:func:`apply_optimizer_settings`; with a scheduler, its base learning rate moves with ``lr``);
-* refused (:class:`ResumeRefused`): what fixes the adapter's tensors (``model.projection``,
+* refused (:class:`ResumeRefused`): what fixes the adapter's tensors (``model.projection``, ``model.sites``,
   ``model.adapter_dtype``; the base model has its own check), another optimizer or LR scheduler class, a
   scheduler added or removed, and any scheduler setting (its restored state would override it);
 * ``model.init_adapter``: the same file (same sha256) resumes, under the same or another path (a moved file
@@ -34,7 +34,7 @@ from ..errors import UserError
 log = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1  # of the "fact" record FactModule writes into each checkpoint
-REFUSED_MODEL_OPTIONS = ("projection", "adapter_dtype")  # they decide the adapter's tensors
+REFUSED_MODEL_OPTIONS = ("projection", "sites", "adapter_dtype")  # they decide the adapter's tensors
 INIT_ADAPTER_CONTENT = "init_adapter_sha256"  # recorded by FactModule; the path alone may change
 # Scheduler state that is progress, not a setting (torch's LRScheduler, ReduceLROnPlateau, SequentialLR...).
 _SCHEDULER_PROGRESS = {"last_epoch", "_step_count", "_last_lr", "_get_lr_called_within_step", "_is_initial",
@@ -79,7 +79,8 @@ def option_changes(saved: dict, current: dict, prefix: str) -> list[Change]:
 
 
 def refuse_model_changes(saved_hparams: dict, hparams: dict) -> list[Change]:
-    """Raises :class:`ResumeRefused` for a changed adapter shape or dtype; returns the other (applied) changes."""
+    """Raises :class:`ResumeRefused` for a changed adapter shape (Prj's sizes, the SFAGS sites) or dtype; returns
+    the other (applied) changes."""
     changes = option_changes(saved_hparams, hparams, "model")
     for name, old, new in changes:
         if name.split(".")[1] in REFUSED_MODEL_OPTIONS:
