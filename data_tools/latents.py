@@ -53,12 +53,21 @@ def load_vae(opts: LatentOptions):
     """(the frozen float32 VAE, its description for ``manifest["vae"]`` without ``latent_shape``)."""
     import torch
 
+    from fact_lightning.models.single_file import is_single_file
+
     seed = tiny_seed(opts.vae)
     if seed is not None:
         from fact_lightning.tiny import tiny_base_model
 
         vae = tiny_base_model(seed=seed).vae
         info = {"name": tiny_vae_name(seed), "source": "tiny", "subfolder": None, "revision": None, "seed": seed}
+    elif is_single_file(opts.vae):
+        # A community single-file checkpoint: its VAE alone, named as the single-file base names it in training.
+        from fact_lightning.models.single_file import load_single_file_vae, single_file_vae_name
+
+        vae = load_single_file_vae(opts.vae, option="--vae")
+        info = {"name": single_file_vae_name(opts.vae), "source": str(opts.vae), "subfolder": None, "revision": None,
+                "seed": None}
     else:
         from diffusers import AutoencoderKL
 

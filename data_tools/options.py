@@ -21,8 +21,8 @@ class LatentOptions:
     """Which VAE caches the crops' latent distributions (none: training encodes the crops itself)."""
 
     vae: str | None = option(None, "Cache each crop's VAE latent mean and std (float16): the SD1.5 base model "
-                                   "(folder or hub id) or its vae/ folder; tiny or tiny:SEED for the tiny "
-                                   "seeded VAE (tests and demos).")
+                                   "(folder, hub id or single .safetensors file) or its vae/ folder; tiny or "
+                                   "tiny:SEED for the tiny seeded VAE (tests and demos).")
     vae_revision: str | None = option(None, "Hub revision of --vae.")
     vae_batch_size: int = option(8, "VAE batch size (latents are computed in batches of this many, in shard "
                                     "order: keep it to resume or compare runs).", range=count(1, 4096))

@@ -218,3 +218,17 @@ def test_reader_refuses_latents_that_do_not_fit(without_vae):
         ToTensors(RES, latent_shape=shape)(_decoded_sample(without_vae, None))
     with pytest.raises(shards.ManifestError, match="do not fit the crop"):
         ToTensors(RES, latent_shape=(2, 4, 4, 4))(_decoded_sample(without_vae, np.zeros((2, 4, 4, 4), np.float16)))
+
+
+def test_a_single_file_vae_that_is_no_checkpoint_is_one_error_line(plain, tmp_path):
+    """--vae also takes a community single-file checkpoint (its VAE, named as the single-file base names it); a
+    file that is none is refused from its header, in one line, and the shards are left as they were."""
+    before = _tars(plain)
+    bogus = tmp_path / "model.safetensors"
+    bogus.write_bytes(b"x" * 100)
+    done = subprocess.run([str(FACT_DATA), "add-latents", str(plain), "--vae", str(bogus)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and str(bogus) in lines[0] and "(--vae)" in lines[0]
+    assert _tars(plain) == before
