@@ -153,7 +153,7 @@ class WeightOptions:
 
     base: Annotated[Optional[str], typer.Option(
         metavar="DIR|HUB_ID|FILE", rich_help_panel=WEIGHTS,
-        help="SD1.5 or SDXL diffusers folder or hub id, or a single SD1.5 .safetensors file.")] = None
+        help="SD1.5 or SDXL diffusers folder or hub id, or a single SD1.5 or SDXL .safetensors file.")] = None
     base_type: Annotated[Optional[Literal[BASE_TYPES]], typer.Option(
         metavar="sd15|sdxl", rich_help_panel=WEIGHTS, show_default=False,
         help="The base model's type; default: what the --adapter file records, else what --base holds, else "

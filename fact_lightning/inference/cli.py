@@ -202,7 +202,8 @@ HELP = help_text("""
 # What holds in fact-generate alone: the inpainting portrait mode's defaults (the official inpainting app's).
 INPAINT_NOTES = {
     "base": "An inpainting model with --template. A single .safetensors file (the original SD layout, as "
-            "community fine-tunes ship) loads offline with --base-config's configs, SD1.5's by default.",
+            "community fine-tunes ship) loads offline with --base-config's configs, by default SD1.5's or SDXL "
+            "base 1.0's (by the file's keys).",
     "adapter_scale": f"With --template: {INPAINT_ADAPTER_SCALE}, the official inpainting app's.",
     "guidance_scale": f"With --template: default {INPAINT_GUIDANCE}.",
 }

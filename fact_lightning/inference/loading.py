@@ -18,7 +18,9 @@ import torch
 
 from fact_lightning.models.base import base_model_files
 from fact_lightning.models.sdxl_base import sdxl_base_model_files
-from fact_lightning.models.single_file import is_single_file, single_file_problems
+from fact_lightning.models.single_file import (TEXT_PREFIX, XL_TEXT_2_PREFIX, file_base_type, is_single_file,
+                                               single_file_problems)
+from fact_lightning.models.single_file_sdxl import sdxl_single_file_problems
 from fact_lightning.weights import MissingWeightsError, Needed, cached_snapshot, check_source, raise_if_missing
 from fact_lightning.weights import resolve_source
 
@@ -35,9 +37,9 @@ TINY = "tiny"
 class GeneratorSources:
     """Weights and options of a generator. ``tiny`` builds seeded random CPU parts instead (tests, demos).
 
-    base: SD1.5 or SDXL diffusers folder or hub id, or a single SD1.5 ``.safetensors`` file (an inpainting
-    model for ``mode="inpaint"``); base_config: with a single file, a folder of diffusers configs describing it
-    (default: SD1.5's, shipped in the package);
+    base: SD1.5 or SDXL diffusers folder or hub id, or a single ``.safetensors`` file in the original layout,
+    SD1.5's (an inpainting model for ``mode="inpaint"``) or SDXL's; base_config: with a single file, a folder of
+    diffusers configs describing it (default: SD1.5's or SDXL base 1.0's, shipped in the package);
     adapter: our ``.safetensors`` export or the official FACT torch file; face_encoder: the official
     TransFace file (``ms1mv2_model_TransFace_S.pt``); controlnet: a diffusers folder or hub id ("tiny" with
     ``tiny``); loras: (path, weight) pairs.
@@ -77,8 +79,9 @@ class GeneratorSources:
             missing = [name for name in ("base", "adapter", "face_encoder") if not getattr(self, name)]
             if missing:
                 raise MissingWeightsError(
-                    f"no {', '.join(missing)} given: pass --base (SD1.5 or SDXL diffusers folder or hub id, or an "
-                    "SD1.5 .safetensors file), --adapter (.safetensors export or official FACT file) and "
+                    f"no {', '.join(missing)} given: pass --base (SD1.5 or SDXL diffusers folder or hub id, or a "
+                    "single SD1.5 or SDXL .safetensors file), --adapter (.safetensors export or official FACT file) "
+                    "and "
                     "--face-encoder (ms1mv2_model_TransFace_S.pt); or --tiny for random CPU components (tests and demos only)")
 
     def to_dict(self) -> dict:
@@ -105,11 +108,18 @@ def folder_base_type(folder: str | Path) -> str | None:
 
 
 def _base_layout(src: GeneratorSources) -> tuple[str, str] | None:
-    """(base type, how ``--base`` shows it) from its files alone, or None when they do not tell: a single file is
-    SD1.5's (the one single-file layout loaded); a folder, or a hub id's snapshot in the local cache, by
-    :func:`folder_base_type`."""
+    """(base type, how ``--base`` shows it) from its files alone, or None when they do not tell: a single file by
+    the keys its safetensors header lists (:func:`file_base_type`: SDXL's second text encoder or SD1.5's one); a
+    folder, or a hub id's snapshot in the local cache, by :func:`folder_base_type`."""
     if is_single_file(src.base):
-        return SD15, f"--base {src.base} is a single file, which loads as SD1.5"
+        found = file_base_type(src.base)
+        if found == SDXL:
+            return SDXL, (f"--base {src.base} is a single file, which loads as SDXL (it looks like an SDXL base "
+                          f"model: a second text encoder under {XL_TEXT_2_PREFIX}*)")
+        if found == SD15:
+            return SD15, (f"--base {src.base} is a single file, which loads as SD1.5 (it looks like an SD1.5 base "
+                          f"model: its text encoder under {TEXT_PREFIX}*)")
+        return None  # unreadable, or neither layout: the file check names it
     try:
         resolved = resolve_source(src.base, "base model folder")
     except MissingWeightsError:
@@ -168,7 +178,8 @@ def weight_problems(src: GeneratorSources) -> list[str]:
     problems = []
     kind = resolve_base_type(src)  # a disagreement between adapter and base is refused first
     if not src.tiny and is_single_file(src.base):
-        problems += single_file_problems(src.base, src.base_config, option="--base")
+        check = sdxl_single_file_problems if kind == SDXL else single_file_problems
+        problems += check(src.base, src.base_config, option="--base")
     elif not src.tiny:
         what, files = ("SDXL base model folder", sdxl_base_model_files()) if kind == SDXL \
             else ("base model folder", base_model_files())
@@ -230,7 +241,8 @@ def load_generator(src: GeneratorSources, detector=None) -> FacePortraitGenerato
         encoder, _ = load_encoder("tiny", None, allow_random=True)
     else:
         if src.base_type == SDXL:
-            base = load_sdxl_base_model(src.base, dtype=dtype, local_files_only=src.local_files_only, option="--base")
+            base = load_sdxl_base_model(src.base, dtype=dtype, local_files_only=src.local_files_only, option="--base",
+                                        config=src.base_config)
         else:
             base = load_base_model(src.base, dtype=dtype, local_files_only=src.local_files_only, option="--base",
                                    config=src.base_config)

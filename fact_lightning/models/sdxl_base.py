@@ -152,8 +152,14 @@ def load_sdxl_base_model(
     dtype: torch.dtype | None = None,
     local_files_only: bool = False,
     option: str | None = None,
+    config: str | Path | None = None,
 ) -> SDXLBaseModel:
-    """Loads an SDXL base model (diffusers layout) from a local folder or a hub id, frozen and checked.
+    """Loads an SDXL base model from a local diffusers folder, a hub id or a single ``.safetensors`` file, frozen
+    and checked.
+
+    A single file (``sd_xl_base_1.0.safetensors`` or a fine-tune in its original SGM layout) loads offline with
+    the component configs of ``config``, a folder, by default SDXL base 1.0's that ship in the package
+    (:mod:`.single_file_sdxl`); its problems are one :class:`~.single_file.SingleFileError`.
 
     As :func:`.base.load_base_model`: every file it reads is checked first (:func:`sdxl_base_model_files`) and
     anything missing is named in one :class:`MissingWeightsError`, with ``option`` (the command's option for the
@@ -163,6 +169,15 @@ def load_sdxl_base_model(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from .single_file import is_single_file
+    from .single_file_sdxl import load_sdxl_single_file
+
+    if is_single_file(source):
+        base = SDXLBaseModel(*load_sdxl_single_file(source, config, dtype=dtype, option=option))
+        return base.check(repr(str(source))).freeze()
+    if config is not None:
+        raise ValueError(f"a config folder ({config}) goes with a single-file base; {source} is a folder or hub id, "
+                         "whose own configs are used")
     source, common = locate_base_folder(source, "SDXL base model folder", sdxl_base_model_files(variant),
                                         revision=revision, local_files_only=local_files_only, option=option)
     weights = {"variant": variant, "torch_dtype": dtype, **common}

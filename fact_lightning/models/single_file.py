@@ -7,7 +7,8 @@ tokenizer is rebuilt offline, so the file is all a user needs. Another folder of
 of the tests. Before any weight is read, :func:`single_file_problems` checks the file from its safetensors header
 alone: that it is complete, and that diffusers' conversion gives every weight of the configured UNet, VAE and text
 encoder at the configured shape (diffusers itself would leave a missing weight uninitialised). Pickles
-(``.ckpt``, ``.pt``) are refused: loading one runs code from the file.
+(``.ckpt``, ``.pt``) are refused: loading one runs code from the file. SDXL files (their original SGM layout) load
+in :mod:`.single_file_sdxl` with these header helpers; :func:`file_base_type` tells the two apart by their keys.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..base_types import LABELS, SD15, SDXL
 from ..weights import WEIGHT_FILE_SUFFIXES, MissingWeightsError
 
 log = logging.getLogger(__name__)
@@ -27,6 +29,9 @@ log = logging.getLogger(__name__)
 SD15_CONFIG = Path(__file__).resolve().parents[1] / "model_configs" / "sd15"
 CONFIG_FILES = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json")
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer."
+# SDXL's original (SGM) layout keeps its two text encoders under "conditioner": ViT-L in transformers' layout,
+# OpenCLIP bigG in open_clip's own.
+XL_TEXT_PREFIX, XL_TEXT_2_PREFIX = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
 _MAX_HEADER_BYTES = 100_000_000  # a header past this is not a safetensors header (the format caps it likewise)
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -37,7 +42,7 @@ _KINDS = {"xl_base": "an SDXL base model", "xl_refiner": "an SDXL refiner", "xl_
 
 
 class SingleFileError(MissingWeightsError):
-    """A single-file base that cannot be used: not safetensors, truncated, or not the configured SD1.5 model."""
+    """A single-file base that cannot be used: not safetensors, truncated, or not the configured SD1.5/SDXL model."""
 
 
 def is_single_file(source: str | Path | None) -> bool:
@@ -90,8 +95,11 @@ def check_single_file(path: Path, folder: Path) -> None:
     except (OSError, ValueError, TypeError, KeyError) as err:  # configs that diffusers cannot read or build
         raise SingleFileError(f"base model config folder {folder} does not describe models diffusers can build: "
                               f"{' '.join(str(err).split())[:300]}") from None
+    if not mismatch and header_base_type(header) == SDXL:  # SDXL configs convert it, but would drop an encoder
+        raise SingleFileError(f"base model file {path} is not an SD1.5 checkpoint (it looks like an SDXL base model: "
+                              f"a second text encoder under {XL_TEXT_2_PREFIX}*): load it as SDXL")
     if mismatch:
-        kind = _described_kind(header)
+        kind = described_kind(header, SD15)
         raise SingleFileError(f"base model file {path} is not an SD1.5 checkpoint of the configs in {folder}"
                               f"{kind}: {'; '.join(mismatch)}")
 
@@ -130,7 +138,28 @@ def meta_checkpoint(header: dict[str, dict]) -> dict[str, torch.Tensor]:
                              device="meta") for key, info in header.items()}
 
 
-def _described_kind(header: dict) -> str:
+def header_base_type(header: dict) -> str | None:
+    """The base family a file's keys show, by their text encoders: SDXL's second encoder (OpenCLIP bigG under
+    ``conditioner.embedders.1.model.``) or SD1.5's CLIP (``cond_stage_model.transformer.``); None for neither."""
+    if any(key.startswith(XL_TEXT_2_PREFIX) for key in header):
+        return SDXL
+    if any(key.startswith(TEXT_PREFIX) for key in header):
+        return SD15
+    return None
+
+
+def file_base_type(path: str | Path) -> str | None:
+    """:func:`header_base_type` of a safetensors file, from its header alone; None when it cannot be read (the
+    file check then says why)."""
+    try:
+        return header_base_type(read_header(Path(path).expanduser()))
+    except (SingleFileError, OSError):
+        return None
+
+
+def described_kind(header: dict, family: str = SD15) -> str:
+    """What a file that is not a ``family`` checkpoint of the configs looks like instead, as a parenthesis (or
+    nothing when its keys do not tell)."""
     if not any(key.startswith(UNET_PREFIX) for key in header):
         return " (it holds no SD UNet: no model.diffusion_model.* weights)"
     from diffusers.loaders.single_file_utils import infer_diffusers_model_type
@@ -138,8 +167,11 @@ def _described_kind(header: dict) -> str:
     try:
         kind = infer_diffusers_model_type(meta_checkpoint(header))
     except (KeyError, IndexError, ValueError, TypeError):
-        return ""
-    return f" (it looks like {_KINDS[kind]})" if kind in _KINDS else ""
+        kind = None
+    if kind in _KINDS and not (family == SDXL and kind == "xl_base"):
+        return f" (it looks like {_KINDS[kind]})"
+    found = header_base_type(header)  # small or unusual files that diffusers' key probes miss
+    return f" (it looks like an {LABELS[found]} base model)" if found not in (None, family) else ""
 
 
 def unet_config(folder: Path, checkpoint: dict[str, torch.Tensor]) -> dict:
@@ -205,6 +237,13 @@ def component_mismatches(checkpoint: dict[str, torch.Tensor], folder: Path) -> l
     expected = _expected_shapes(str(folder), unet_json)
     names = {"unet": f"UNet ({UNET_PREFIX}*)", "vae": f"VAE ({VAE_PREFIX}*)",
              "text_encoder": f"text encoder ({TEXT_PREFIX}*)"}
+    return shape_mismatches(parts, expected, names)
+
+
+def shape_mismatches(parts: dict[str, dict[str, torch.Tensor]], expected: dict[str, dict[str, tuple]],
+                     names: dict[str, str]) -> list[str]:
+    """Per component (``names``: how to call each), the weights of ``expected`` that ``parts`` lack, those it
+    has too many of and those at another shape; empty when every component loads strictly."""
     problems = []
     for part, want in expected.items():
         got = _shapes(parts[part])
@@ -270,15 +309,19 @@ def load_single_file(path: str | Path, config: str | Path | None = None, *, dtyp
 
 def load_single_file_vae(path: str | Path, config: str | Path | None = None, *, option: str | None = None):
     """The VAE of a single-file checkpoint alone, float32, reading only its VAE tensors (for ``fact-data``'s cached
-    latents: name them with :func:`single_file_vae_name`)."""
+    latents: name them with :func:`single_file_vae_name`). An SDXL file (by its keys) is checked and configured as
+    SDXL (its VAE's scaling factor is not SD1.5's)."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
     from safetensors import SafetensorError, safe_open
 
-    problems = single_file_problems(path, config, option)
+    from .single_file_sdxl import sdxl_config_folder, sdxl_single_file_problems
+
+    sdxl = file_base_type(path) == SDXL
+    problems = (sdxl_single_file_problems if sdxl else single_file_problems)(path, config, option)
     if problems:
         raise SingleFileError("; ".join(problems))
-    path, folder = Path(path).expanduser(), config_folder(config)
+    path, folder = Path(path).expanduser(), (sdxl_config_folder if sdxl else config_folder)(config)
     try:
         with safe_open(str(path), framework="pt") as file:
             checkpoint = {key: file.get_tensor(key) for key in file.keys() if key.startswith(VAE_PREFIX)}

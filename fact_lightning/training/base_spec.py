@@ -15,6 +15,7 @@ from ..base_types import SD15, SDXL
 from ..models.base import BaseModel, base_model_files, load_base_model
 from ..models.sdxl_base import SDXLBaseModel, load_sdxl_base_model, sdxl_base_model_files
 from ..models.single_file import is_single_file, single_file_problems, single_file_vae_name
+from ..models.single_file_sdxl import sdxl_single_file_problems
 from ..tiny import tiny_base_model
 from ..tiny_sdxl import tiny_sdxl_base_model
 from ..weights import check_source
@@ -141,14 +142,19 @@ class TinyBase(BaseModelSpec):
 
 
 class PretrainedSDXLBase(_WeightsFolderBase):
-    """SDXL base 1.0 (or a fine-tune in its layout) from a local diffusers folder or a hub id.
+    """SDXL base 1.0 (or a fine-tune in its layout) from a local diffusers folder, a hub id or a single file.
 
     Args:
         source: a folder holding unet/, vae/, text_encoder/, text_encoder_2/, tokenizer/, tokenizer_2/,
-            scheduler/, or a hub id (``stabilityai/stable-diffusion-xl-base-1.0``), loaded offline when cached.
+            scheduler/, a hub id (``stabilityai/stable-diffusion-xl-base-1.0``), loaded offline when cached, or one
+            ``.safetensors`` file in the original SGM layout (``sd_xl_base_1.0.safetensors``, a community SDXL
+            fine-tune), loaded offline.
         revision, variant: as ``from_pretrained`` takes them (``variant: fp16`` for the half-size files).
         frozen_dtype: dtype of the frozen weights (bfloat16 halves their memory; the adapter stays float32).
             SDXL's VAE overflows in float16 (its config says ``force_upcast``): with ``float16`` it stays float32.
+        config: with a single file only: a folder of diffusers component configs that describe it (unet/, vae/,
+            text_encoder/, text_encoder_2/, scheduler/; tokenizer/, tokenizer_2/ optional); default: SDXL base
+            1.0's, shipped in the package.
     """
 
     base_type = SDXL
@@ -160,26 +166,38 @@ class PretrainedSDXLBase(_WeightsFolderBase):
         variant: str | None = None,
         local_files_only: bool = False,
         frozen_dtype: FrozenDtype = "float32",
+        config: str | None = None,
     ):
         super().__init__(source, revision, variant, local_files_only, frozen_dtype)
+        self.config = config
 
     def build(self) -> SDXLBaseModel:
         base = load_sdxl_base_model(self.source, revision=self.revision, variant=self.variant,
                                     dtype=_DTYPES[self.frozen_dtype], local_files_only=self.local_files_only,
-                                    option=self.OPTION)
+                                    option=self.OPTION, config=self.config)
         if self.frozen_dtype == "float16" and getattr(base.vae.config, "force_upcast", False):
             nn.Module.to(base.vae, _DTYPES["float32"])  # NaN latents otherwise (SDXL's VAE in float16)
         return base
 
     def weight_problems(self) -> list[str]:
-        """The files of ``source`` that loading would miss, as one sentence; no weights are read."""
+        """The files of ``source`` that loading would miss, as one sentence; no weights are read. A single file is
+        checked from its header: complete, safetensors, and holding every weight of the configured SDXL model at
+        its shape (an SD1.5 file is named as one)."""
+        if is_single_file(self.source):
+            return sdxl_single_file_problems(self.source, self.config, option=self.OPTION)
+        if self.config is not None:
+            return [f"model.base.init_args.config ({self.config}) goes with a single-file source; {self.source} is "
+                    "a folder or hub id, whose own configs are used"]
         located = check_source(self.source, "SDXL base model folder", sdxl_base_model_files(self.variant),
                                revision=self.revision, local_files_only=self.local_files_only, option=self.OPTION)
         return [] if located.problem is None else [located.problem]
 
     def describe_vae(self) -> str:
         """The base model's folder or hub id (+ ``@revision``): its ``vae/`` is the SDXL VAE, as
-        ``fact-data --vae`` names it when given the same folder (or its ``vae/``)."""
+        ``fact-data --vae`` names it when given the same folder (or its ``vae/``). For a single file: its name and
+        the sha256 of its VAE tensors (``single_file_vae_name``)."""
+        if is_single_file(self.source):
+            return single_file_vae_name(self.source)
         return vae_name(self.source, self.revision)
 
 

@@ -29,7 +29,8 @@ def test_fact_evaluate_help_names_no_option_it_lacks():
 
 def test_fact_generate_help_keeps_the_inpainting_defaults():
     text = _help(generate_app)
-    assert ("SD1.5 or SDXL diffusers folder or hub id, or a single SD1.5 .safetensors file. An inpainting model "
+    assert ("SD1.5 or SDXL diffusers folder or hub id, or a single SD1.5 or SDXL .safetensors file. An inpainting "
+            "model "
             "with --template.") in text
     assert "With --template: 0.55, the official inpainting app's." in text
     assert "(default 7.0). With --template: default 5.0." in text
