@@ -2,7 +2,7 @@
 
     python -m benchmarks.sdxl_sites --out bench_results [--resolution 1024]
 
-Builds SDXL base 1.0's UNet from its config (below) on the meta device: shapes without values, so neither its
+Builds SDXL base 1.0's UNet from its config (benchmarks.sdxl) on the meta device: shapes without values, so neither its
 2.6B weights nor any activation is allocated and the script takes seconds. Attaches a ``FaceAdapter`` (the
 official Prj with SDXL's 2048-wide output, one ``GatedFaceAttention`` per site) for ``sites="stack"`` and
 ``sites="block"``, and counts with ``torch.utils.flop_counter.FlopCounterMode`` (which reads only shapes, so
@@ -25,22 +25,10 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from benchmarks.sdxl import POOLED_DIM, SDXL_RESAMPLER, SDXL_UNET
 from fact_lightning.models.injection import FaceAdapter
-from fact_lightning.models.resampler import ResamplerConfig
 
-# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (every field that sets a size or a block type).
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280), layers_per_block=2,
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    mid_block_type="UNetMidBlock2DCrossAttn", transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
-    cross_attention_dim=2048, use_linear_projection=True, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
-    addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
-    projection_class_embeddings_input_dim=2816, flip_sin_to_cos=True, freq_shift=0, downsample_padding=1,
-    upcast_attention=False,
-)
-POOLED_DIM, TEXT_TOKENS, FACE_TOKENS, FACE_TOKEN_DIM = 1280, 77, 144, 512  # bigG projection; TransFace-S tokens
-SDXL_RESAMPLER = ResamplerConfig(output_dim=2048)  # the official Prj sizes, SDXL's token width
+FACE_TOKENS, FACE_TOKEN_DIM, TEXT_TOKENS = 144, 512, 77  # TransFace-S tokens; CLIP's context
 CHOICES = ("stack", "block")
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import batch_search, gpu, peaks
+from benchmarks import batch_search, gpu, gpu_report, peaks
 from benchmarks.timing import interleaved
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ def test_gpu_benchmark_runs_on_cpu_tiny(tmp_path):
     assert opt["settings"]["fused_adam"] and not plain["settings"]["fused_adam"]
     for variant in (plain, opt):
         assert "error" not in variant
-        assert variant["gflop_per_sample"] > 0
+        assert variant["gflop_per_sample"] > 0 and variant["flop_count"] == {"batch": 2, "recompute_counted": False}
         run = variant["runs"][0]  # the equal batch, interleaved with every other variant
         assert run["batch"] == 2 and run["interleaved"] and run["samples_per_s"] > 0 and run["steps"] == 1
         assert run["mfu"] is None  # no peak known for a CPU without --peak-tflops
@@ -86,6 +86,121 @@ def test_gpu_benchmark_runs_on_cpu_tiny(tmp_path):
     copies = result["step_host_copies"]
     assert copies["host_reads"] == 0 and copies["blocking_host_to_device"] >= 0
     assert result["environment"]["torch"] and result["environment"]["torch_threads"] == 1
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_on_cpu_tiny_sdxl(tmp_path):
+    """``--base sdxl``: the tiny SDXL stand-in, one SFAGS per stack, gradient checkpointing in every variant."""
+    out = tmp_path / "gpu_sdxl.json"
+    _run("benchmarks.gpu", "--device", "cpu", "--tiny", "--base", "sdxl", "--out", str(out), "--threads", "1",
+         "--steps", "1", "--no-search")  # the search does not depend on the base (the SD1.5 run above has it)
+    result = json.loads(out.read_text())
+    assert "error" not in result and result["budget"]["skipped"] == []
+    config, summary, model = result["config"], result["summary"], result["model"]
+    assert config["base"] == summary["base"] == model["base_type"] == "sdxl"
+    assert config["resolution"] == 64 and config["gradient_checkpointing"] and config["time_budget"] == 170.0
+    assert model["base"] == "tiny_sdxl-random(seed=0)" and model["sites"] == "stack" and model["adapter_sites"] == 11
+    assert model["projection"]["output_dim"] == 96 and model["params_trainable"] > 0 and model["params_frozen"] > 0
+    plain, opt = result["variants"]["plain"], result["variants"]["optimized"]
+    for variant in (plain, opt):
+        assert "error" not in variant and variant["settings"]["gradient_checkpointing"]
+        # model FLOPs: counted on one sample with checkpointing off, the recomputed forward left out
+        assert variant["flop_count"] == {"batch": 1, "recompute_counted": False} and variant["gflop_per_sample"] > 0
+        assert variant["runs"][0]["batch"] == 2 and variant["runs"][0]["samples_per_s"] > 0
+    assert opt["gflop_per_sample"] < plain["gflop_per_sample"]  # no VAE with cached latents
+    assert summary["speedup_equal_batch"] > 0 and "search" not in opt
+    switches = result["ablation"]["switches"]
+    assert set(switches) == {"optimized", "cached_latents", "fused_adam", "channels_last", "cudnn_benchmark",
+                             "no_gradient_checkpointing"}
+    assert switches["no_gradient_checkpointing"]["settings_on"] == []
+    assert [n for n, row in switches.items() if not row["gradient_checkpointing"]] == ["no_gradient_checkpointing"]
+    assert all(row["speedup_vs_plain"] > 0 for row in switches.values())
+    # The loader's batches carry SDXL's micro-conditioning and the step reads it (its time ids).
+    read = set(result["data_path"]["bytes_per_sample"]["keys_read_by_step"])
+    assert {"original_size", "crop_top_left", "micro_conditioning", "latent_mean"} <= read
+
+
+def test_sdxl_random_base_has_sdxl_base_1_0_sizes():
+    """The full-size SDXL parts, built on the meta device: the published parameter counts of SDXL base 1.0's
+    UNet, VAE and text encoders, and the conditions that tie them together (``SDXLBaseModel.check``)."""
+    from benchmarks import sdxl
+    from fact_lightning.base_types import SDXL
+
+    base = sdxl.sdxl_random_base_model(seed=0, device="meta")
+    counts = {name: sum(p.numel() for p in getattr(base, name).parameters())
+              for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    assert counts == {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+                      "text_encoder_2": 694_659_840}
+    assert base.cross_attention_dim == 2048 and base.text_encoder_2.config.projection_dim == 1280
+    assert base.vae.config.scaling_factor == 0.13025 and base.vae.config.force_upcast
+    assert base.tokenizer_2.pad_token == "!" and base.tokenizer.pad_token != "!"
+    assert all(not p.requires_grad for m in base.frozen_modules() for p in m.parameters())
+    assert sdxl.projection_config(tiny=False).output_dim == 2048 and sdxl.SITES == "stack"
+    assert sdxl.SDXLRandomBase().base_type == SDXL
+    args = gpu.parse_args(["--device", "cpu", "--base", "sdxl"])
+    assert (args.resolution, args.batch, args.max_batch, args.gradient_checkpointing, args.time_budget) == (
+        1024, 4, 32, True, 480.0)
+    args = gpu.parse_args(["--device", "cpu"])  # SD1.5: the defaults as they were
+    assert (args.base, args.resolution, args.batch, args.max_batch, args.gradient_checkpointing,
+            args.time_budget) == ("sd15", 512, 8, 64, False, 170.0)
+
+
+def test_model_flops_leave_out_the_recompute_of_gradient_checkpointing(monkeypatch):
+    import torch
+
+    from benchmarks import gpu_step
+    from benchmarks.gpu_step import Trainer, plain_variant
+    from benchmarks.timing import count_flops
+
+    trainer = Trainer(plain_variant(True), torch.device("cpu"), tiny=True, seed=0, precision="32", base="sdxl")
+    flops, how = trainer.flops_per_sample(trainer.batch(2, 64))
+    assert how == {"batch": 1, "recompute_counted": False}
+    assert trainer.module.unet.is_gradient_checkpointing  # switched back on after the count
+    one = trainer.batch(1, 64)
+    as_run = count_flops(lambda: trainer.step(one))  # the UNet's forward recomputed in backward counted too
+    trainer.module.unet.disable_gradient_checkpointing()
+    model = count_flops(lambda: trainer.step(one))
+    assert flops == model and as_run > 1.1 * model
+
+    # Where even one sample does not fit without checkpointing, the step is counted as it runs, and says so.
+    def one_sample_out_of_memory(fn):
+        if not trainer.module.unet.is_gradient_checkpointing:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return count_flops(fn)
+
+    trainer.module.unet.enable_gradient_checkpointing()
+    monkeypatch.setattr(gpu_step, "count_flops", one_sample_out_of_memory)
+    counted, how = trainer.flops_per_sample(one)
+    assert how == {"batch": 1, "recompute_counted": True} and counted == as_run
+    assert trainer.module.unet.is_gradient_checkpointing
+
+
+def test_an_ablation_variant_that_would_not_fit_beside_the_others_is_skipped(monkeypatch):
+    import time
+
+    import torch
+
+    from benchmarks import gpu_step
+    from benchmarks.budget import Budget
+
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 4 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 2 * gib)
+    cuda = torch.device("cuda")
+    assert gpu_step.memory_room(cuda, 8.0) == (True, "")  # 8 free + 2 cached by the allocator, unused
+    assert gpu_step.memory_room(cuda, 9.0) == (False, "device memory: needs ~9.0 GiB, 10.0 GiB free")  # margin
+    assert gpu_step.memory_room(torch.device("cpu"), 1e9) == (True, "")
+
+    budget = Budget(seconds=100.0, start=time.monotonic())
+    args = gpu.parse_args(["--device", "cpu", "--tiny", "--base", "sdxl"])
+    entry: dict = {}
+    estimates = {"build_s": 0.0, "resident_gib": 7.0, "step_extra_gib": 3.0}
+    variant = gpu.single_switches(False, checkpointing=True)[-1]
+    assert variant == gpu.Variant("no_gradient_checkpointing")
+    assert gpu.prepare(variant, entry, args, cuda, budget, estimates, flops=False) is None  # nothing built
+    assert entry["skipped"] == "device memory: needs ~10.0 GiB, 10.0 GiB free"
+    assert budget.skipped[-1]["phase"] == "no_gradient_checkpointing: build"
 
 
 @pytest.mark.slow
@@ -184,7 +299,7 @@ def test_summary_compares_at_equal_batch_and_each_best():
     }, "ablation": {"switches": {"fused_adam": {"speedup_vs_plain": 0.9}, "compile": {"skipped": "time budget"}}},
         "data_path": {"reader": {"samples_per_s": 480.0}, "step_from_loader": {"samples_per_s": 110.0},
                       "bytes_per_sample": {"total": 5e6, "read_by_step": 1.8e6}}}
-    summary = gpu.summarize(result)
+    summary = gpu_report.summarize(result)
     assert summary["speedup_equal_batch"] == pytest.approx(2.4)  # both at batch 8
     assert summary["plain_best"]["batch"] == 16 and summary["optimized_best"]["batch"] == 32
     assert summary["speedup_best_vs_best"] == pytest.approx(190.0 / 60.0)
@@ -193,18 +308,18 @@ def test_summary_compares_at_equal_batch_and_each_best():
     assert summary["data_path"]["reader_over_step"] == pytest.approx(4.0)
     assert summary["targets"] == {"mfu": 0.5, "speedup": 2.0, "speedup_measured_at": "equal batch",
                                   "mfu_met": True, "speedup_met": True}
-    failed = gpu.summarize({"config": {"batch": 8}, "variants": {"plain": {"runs": [], "error": "boom"},
+    failed = gpu_report.summarize({"config": {"batch": 8}, "variants": {"plain": {"runs": [], "error": "boom"},
                                                                 "optimized": {"runs": runs((8, 120.0, None))}}})
     assert "speedup_equal_batch" not in failed and failed["targets"]["speedup_met"] is None
 
 
 def test_ablation_table_is_plain_over_each_variant():
-    settings = lambda *on: {"settings": {s: s in on for s in gpu.SWITCHES}}  # noqa: E731
+    settings = lambda *on: {"settings": {s: s in on for s in gpu_report.SWITCHES}}  # noqa: E731
     entries = {"plain": settings(), "optimized": settings("cached_latents", "fused_adam"),
                "fused_adam": settings("fused_adam"), "channels_last": {**settings("channels_last"), "error": "boom"},
                "cudnn_benchmark": {**settings("cudnn_benchmark"), "skipped": "time budget"}}
     times = {"plain": [1.0, 1.2, 1.1], "optimized": [0.5, 0.55, 0.6], "fused_adam": [1.3, 1.2, 1.25]}
-    table = gpu.ablation_table(times, entries, batch=8)
+    table = gpu_report.ablation_table(times, entries, batch=8)
     rows = table["switches"]
     assert rows["optimized"]["speedup_vs_plain"] == pytest.approx(1.1 / 0.55)
     assert rows["fused_adam"]["speedup_vs_plain"] == pytest.approx(1.1 / 1.25)
@@ -239,8 +354,8 @@ def test_the_budget_counts_from_process_start_and_records_skips():
     phases = [s["phase"] for s in budget.skipped]
     assert "optimized: build" in phases and "cached_latents: build" in phases
     assert result["variants"]["plain"]["skipped"] == "time budget" and result["variants"]["plain"]["runs"] == []
-    summary = gpu.summarize(result)
-    assert "speedup_equal_batch" not in summary and gpu._failed({**result, "summary": summary})
+    summary = gpu_report.summarize(result)
+    assert "speedup_equal_batch" not in summary and gpu_report.failed({**result, "summary": summary})
 
 
 @pytest.mark.parametrize("oom", [

@@ -73,6 +73,9 @@ NOT_RUN = {
                                                                          "syntax, not shell); "
                                                                          "tests/test_benchmarks.py runs it "
                                                                          "with --device cpu --tiny",
+    "python -m benchmarks.gpu --base sdxl --out bench_results/gpu_sdxl.json": "needs a GPU (SDXL size); "
+                                                                             "tests/test_benchmarks.py runs it with "
+                                                                             "--device cpu --tiny --base sdxl",
 }
 # Sections whose commands do not read the demo's outputs: they start at once, beside the demo's shard build.
 WITHOUT_DEMO = ("Generate", "Evaluate")

@@ -50,10 +50,12 @@ def add_time_ids(original_size, crop_top_left, target_size) -> torch.Tensor:
     Each argument is an (h, w) / (top, left) pair for the whole batch, or a (B, 2) tensor per sample; pairs
     broadcast over the batch of the others. Pixels of the source photo, as diffusers' SDXL pipelines take them.
     """
+    values = (("original_size", original_size), ("crop_top_left", crop_top_left), ("target_size", target_size))
+    # On the device of a tensor argument (a batch's, in training): no copy back to the host.
+    device = next((v.device for _, v in values if isinstance(v, torch.Tensor)), None)
     parts = []
-    for name, value in (("original_size", original_size), ("crop_top_left", crop_top_left),
-                        ("target_size", target_size)):
-        t = torch.as_tensor(value, dtype=torch.float32)
+    for name, value in values:
+        t = torch.as_tensor(value, dtype=torch.float32, device=device)
         t = t.unsqueeze(0) if t.dim() == 1 else t
         if t.dim() != 2 or t.shape[1] != 2:
             raise ValueError(f"{name} must be a pair or a (B, 2) tensor, got shape {tuple(t.shape)}")
@@ -113,20 +115,22 @@ class SDXLBaseModel:
         return self
 
     @torch.no_grad()
-    def encode_prompt(self, prompts: str | Sequence[str]) -> PromptEmbeddings:
+    def encode_prompt(self, prompts: str | Sequence[str], to_device=None) -> PromptEmbeddings:
         """Token states and the pooled embedding of ``prompts``, as diffusers' SDXL pipelines compute them.
 
         Each tokenizer pads or truncates to its 77 tokens; each encoder's penultimate hidden states are
         concatenated (ViT-L first); the pooled embedding is text_encoder_2's projected end token. An empty
         prompt is encoded as any other (the text-drop condition of training); note that the stock SDXL
         pipeline uses zeros instead when no negative prompt is given (``force_zeros_for_empty_prompt``).
+        ``to_device``: how the token ids reach the encoders' device (training passes its pinned, non-blocking copy).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         states = []
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
             ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                             return_tensors="pt").input_ids
-            out = encoder(ids.to(next(encoder.parameters()).device), output_hidden_states=True)
+            out = encoder(to_device(ids) if to_device else ids.to(next(encoder.parameters()).device),
+                          output_hidden_states=True)
             states.append(out.hidden_states[-2])
         return PromptEmbeddings(torch.cat(states, dim=-1), out.text_embeds)
 

@@ -353,6 +353,7 @@ class FactModule(pl.LightningModule):
             return None
         if logging_step:
             self._log_step(batch, out)
+            self.text.report_missing()  # SDXL: shards without micro-conditioning, said once
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=len(batch["key"]))
         return out["loss"]
 

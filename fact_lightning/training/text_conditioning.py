@@ -51,6 +51,9 @@ class SD15TextConditioning:
     def conditions(self, captions: list[str], batch: dict, to_device) -> TextConditions:
         return TextConditions(self.encode_text(captions, to_device))
 
+    def report_missing(self) -> None:
+        """Nothing to say: SD1.5 takes no micro-conditioning."""
+
 
 class SDXLTextConditioning:
     """Both CLIP encoders' penultimate states side by side, the pooled embedding, and each sample's time ids.
@@ -64,6 +67,16 @@ class SDXLTextConditioning:
     def __init__(self, base: SDXLBaseModel):
         self.base = base
         self._warned = False
+        self._missing: torch.Tensor | None = None  # on the device: whether a batch lacked the fields, unread
+
+    def report_missing(self) -> None:
+        """Says once per run that shards lack the micro-conditioning; called at logging steps, where reading the
+        device flag costs no extra host sync."""
+        if self._missing is not None and not self._warned and bool(self._missing):
+            log.warning("the shards hold no micro-conditioning (original size, crop top-left) for some images (made "
+                        "by an older fact-data): SDXL trains with the crop's own size and (0, 0) for them; rebuild "
+                        "the shards to pass the photos' own")
+            self._warned = True
 
     @property
     def frozen_modules(self) -> tuple[nn.Module, ...]:
@@ -72,23 +85,19 @@ class SDXLTextConditioning:
     def time_ids(self, batch: dict) -> torch.Tensor:
         """(B, 6) float32 time ids of a batch (crops of ``batch["pixels"]``' size)."""
         size = tuple(batch["pixels"].shape[-2:])
-        count = len(batch["key"])
         recorded = batch.get(MICRO_RECORDED)
-        if ORIGINAL_SIZE not in batch or recorded is None or not bool(torch.as_tensor(recorded).all()):
-            if not self._warned:
-                log.warning("the shards hold no micro-conditioning (original size, crop top-left) for some images "
-                            "(made by an older fact-data): SDXL trains with the crop's own size %s and (0, 0) for "
-                            "them; rebuild the shards to pass the photos' own", list(size))
-                self._warned = True
-        if ORIGINAL_SIZE not in batch:
-            return add_time_ids(size, (0, 0), size).expand(count, -1)
-        return add_time_ids(batch[ORIGINAL_SIZE].cpu(), batch[CROP_TOP_LEFT].cpu(), size)
+        if ORIGINAL_SIZE not in batch or recorded is None:
+            self._missing = torch.tensor(True)
+            return add_time_ids(size, (0, 0), size).expand(len(batch["key"]), -1)
+        missing = torch.as_tensor(recorded).logical_not().any()  # read at a logging step (report_missing)
+        self._missing = missing if self._missing is None else self._missing.to(missing.device) | missing
+        return add_time_ids(batch[ORIGINAL_SIZE], batch[CROP_TOP_LEFT], size)
 
     def encode_text(self, captions: list[str], to_device) -> torch.Tensor:
-        return self.base.encode_prompt(captions).tokens
+        return self.base.encode_prompt(captions, to_device).tokens
 
     def conditions(self, captions: list[str], batch: dict, to_device) -> TextConditions:
-        prompts = self.base.encode_prompt(captions)
+        prompts = self.base.encode_prompt(captions, to_device)
         return TextConditions(prompts.tokens, prompts.added_cond_kwargs(to_device(self.time_ids(batch))))
 
 
