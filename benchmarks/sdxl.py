@@ -9,7 +9,6 @@ directly on the target device. ``SDXLRandomBase(tiny=True)`` gives the tiny SDXL
 
 from __future__ import annotations
 
-import copy
 
 import torch
 
@@ -78,12 +77,11 @@ def sdxl_random_base_model(seed: int = 0, device: torch.device | str = "cpu") ->
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from fact_lightning.models.tokenizer import clip_tokenizer_from_open_clip
+    from fact_lightning.models.tokenizer import clip_tokenizer_from_open_clip, sdxl_second_tokenizer
 
     device = torch.device(device)
     tokenizer = clip_tokenizer_from_open_clip()
-    tokenizer_2 = copy.deepcopy(tokenizer)
-    tokenizer_2.pad_token = "!"  # SDXL's second tokenizer pads with "!", as fact_lightning.tiny_sdxl's does
+    tokenizer_2 = sdxl_second_tokenizer(tokenizer)
     ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                pad_token_id=tokenizer.pad_token_id)
     rng_devices = [device] if device.type == "cuda" else []

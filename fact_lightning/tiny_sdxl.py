@@ -10,14 +10,13 @@ with ``!``; a VAE with SDXL's scaling factor. Nothing here loads weights; each b
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 
 import torch
 
 from .models.resampler import TINY_RESAMPLER
 from .models.sdxl_base import TIME_IDS, SDXLBaseModel
-from .models.tokenizer import clip_tokenizer_from_open_clip
+from .models.tokenizer import clip_tokenizer_from_open_clip, sdxl_second_tokenizer
 
 # SDXL base 1.0's training noise schedule (its scheduler config, read by DDPM).
 SDXL_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -65,8 +64,7 @@ def tiny_sdxl_base_model(seed: int = 0) -> SDXLBaseModel:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = clip_tokenizer_from_open_clip()
-    tokenizer_2 = copy.deepcopy(tokenizer)
-    tokenizer_2.pad_token = "!"  # SDXL's second tokenizer pads with "!" (id 0), not with the end token
+    tokenizer_2 = sdxl_second_tokenizer(tokenizer)
 
     def text_config(width: int, act: str) -> CLIPTextConfig:
         return CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width,

@@ -11,7 +11,6 @@ matrix). The configs of SDXL base 1.0's UNet, VAE, both text encoders and schedu
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import logging
@@ -205,12 +204,9 @@ def _tokenizers(folder: Path) -> tuple:
     padding with ``!`` (SDXL's tokenizer_2), not with the end token."""
     from transformers import CLIPTokenizer
 
-    from .tokenizer import clip_tokenizer_from_open_clip
+    from .tokenizer import clip_tokenizer_from_open_clip, sdxl_second_tokenizer
 
     found = [CLIPTokenizer.from_pretrained(folder, subfolder=sub, local_files_only=True)
              if (folder / sub).is_dir() else None for sub in ("tokenizer", "tokenizer_2")]
     first = found[0] or clip_tokenizer_from_open_clip()
-    if found[1] is None:
-        found[1] = copy.deepcopy(first)
-        found[1].pad_token = "!"
-    return first, found[1]
+    return first, found[1] or sdxl_second_tokenizer(first)

@@ -60,3 +60,11 @@ def _cached_tokenizer(model_max_length: int):
 def clip_tokenizer_from_open_clip(model_max_length: int = 77):
     """A ``transformers.CLIPTokenizer`` equal to SD1.5's, built without any download (a private copy per call)."""
     return copy.deepcopy(_cached_tokenizer(model_max_length))
+
+
+def sdxl_second_tokenizer(first):
+    """SDXL's ``tokenizer_2`` from its first: the same CLIP BPE, padding with ``!`` (id 0) instead of the end token,
+    as stabilityai/stable-diffusion-xl-base-1.0's tokenizer_2 does (a private copy)."""
+    second = copy.deepcopy(first)
+    second.pad_token = "!"
+    return second
