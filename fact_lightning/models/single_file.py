@@ -59,19 +59,25 @@ def config_folder(config: str | Path | None) -> Path:
 
 def single_file_problems(path: str | Path, config: str | Path | None = None, option: str | None = None) -> list[str]:
     """What keeps ``path`` (with the configs of ``config``) from loading, as sentences; no weight is read."""
+    return file_problems(path, config_folder(config), CONFIG_FILES, check_single_file, option)
+
+
+def file_problems(path: str | Path, folder: Path, config_files, check, option: str | None,
+                  family: str = "") -> list[str]:
+    """The file and the config folder's ``config_files`` that are not there, else what ``check(path, folder)``
+    refuses (a :class:`SingleFileError`), each with ``option``; ``family`` names the configs (``"SDXL "``)."""
     where = f" ({option})" if option else ""
     path = Path(path).expanduser()
-    folder = config_folder(config)
     problems = []
     if not path.is_file():
         problems.append(f"base model file {path}{where} " + ("is a folder" if path.is_dir() else "does not exist"))
-    missing = [name for name in CONFIG_FILES if not (folder / name).is_file()]
+    missing = [name for name in config_files if not (folder / name).is_file()]
     if missing:
-        problems.append(f"base model config folder {folder} is missing {', '.join(missing)}")
+        problems.append(f"{family}base model config folder {folder} is missing {', '.join(missing)}")
     if problems:
         return problems
     try:
-        check_single_file(path, folder)
+        check(path, folder)
     except SingleFileError as err:
         return [f"{err}{where}"]
     return []

@@ -20,8 +20,8 @@ import torch
 
 from ..base_types import SD15, SDXL
 from .single_file import (CONFIG_FILES, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, XL_TEXT_2_PREFIX, XL_TEXT_PREFIX,
-                          SingleFileError, described_kind, header_base_type, meta_checkpoint, read_header,
-                          shape_mismatches, unet_config)
+                          SingleFileError, described_kind, file_problems, header_base_type, meta_checkpoint,
+                          read_header, shape_mismatches, unet_config)
 
 log = logging.getLogger(__name__)
 
@@ -40,22 +40,7 @@ def sdxl_config_folder(config: str | Path | None) -> Path:
 def sdxl_single_file_problems(path: str | Path, config: str | Path | None = None,
                               option: str | None = None) -> list[str]:
     """What keeps ``path`` (with the configs of ``config``) from loading as SDXL, as sentences; no weight is read."""
-    where = f" ({option})" if option else ""
-    path = Path(path).expanduser()
-    folder = sdxl_config_folder(config)
-    problems = []
-    if not path.is_file():
-        problems.append(f"base model file {path}{where} " + ("is a folder" if path.is_dir() else "does not exist"))
-    missing = [name for name in SDXL_CONFIG_FILES if not (folder / name).is_file()]
-    if missing:
-        problems.append(f"SDXL base model config folder {folder} is missing {', '.join(missing)}")
-    if problems:
-        return problems
-    try:
-        check_sdxl_single_file(path, folder)
-    except SingleFileError as err:
-        return [f"{err}{where}"]
-    return []
+    return file_problems(path, sdxl_config_folder(config), SDXL_CONFIG_FILES, check_sdxl_single_file, option, "SDXL ")
 
 
 def check_sdxl_single_file(path: Path, folder: Path) -> None:
