@@ -47,22 +47,53 @@ class BaseModelSpec:
 
 
 class _WeightsFolderBase(BaseModelSpec):
-    """What the pretrained specs share: a source (folder, hub id or file) with its revision and variant, and
-    the dtype of the frozen weights."""
+    """What the pretrained specs share: a source (diffusers folder, hub id or single file) with its revision,
+    variant and config folder, the dtype of the frozen weights, the weight checks and the VAE's name. A family
+    gives its folder's file list and its single-file check."""
 
     OPTION = "model.base.init_args.source"  # where fact-train's config names the source
+    FOLDER = "base model folder"  # how messages name a folder source
 
     def __init__(self, source: str, revision: str | None = None, variant: str | None = None,
-                 local_files_only: bool = False, frozen_dtype: FrozenDtype = "float32"):
+                 local_files_only: bool = False, frozen_dtype: FrozenDtype = "float32", config: str | None = None):
         self.source = source
         self.revision = revision
         self.variant = variant
         self.local_files_only = local_files_only
         self.frozen_dtype = frozen_dtype
+        self.config = config
+
+    def folder_files(self) -> list:
+        raise NotImplementedError
+
+    def file_problems(self) -> list[str]:
+        raise NotImplementedError
+
+    def weight_problems(self) -> list[str]:
+        """The files of ``source`` that loading would miss (a local folder's, or a hub id's that is neither cached
+        nor downloadable now), as one sentence; no weights are read. A single file is checked from its header:
+        complete, safetensors, and holding every weight of the configured model at its shape (a file of the other
+        family is named as such)."""
+        if is_single_file(self.source):
+            return self.file_problems()
+        if self.config is not None:
+            return [f"model.base.init_args.config ({self.config}) goes with a single-file source; {self.source} is "
+                    "a folder or hub id, whose own configs are used"]
+        located = check_source(self.source, self.FOLDER, self.folder_files(), revision=self.revision,
+                               local_files_only=self.local_files_only, option=self.OPTION)
+        return [] if located.problem is None else [located.problem]
 
     def describe(self) -> str:
         # The source alone (a file's configs only describe its layout): what the model card's load lines take.
         return self.source if self.revision is None else f"{self.source}@{self.revision}"
+
+    def describe_vae(self) -> str:
+        """The base model's folder or hub id (+ ``@revision``): its ``vae/`` is the VAE, as ``fact-data --vae``
+        names it when given the same folder (or its ``vae/``). For a single file: its name and the sha256 of its
+        VAE tensors (``single_file_vae_name``)."""
+        if is_single_file(self.source):
+            return single_file_vae_name(self.source)
+        return vae_name(self.source, self.revision)
 
 
 class PretrainedBase(_WeightsFolderBase):
@@ -86,8 +117,7 @@ class PretrainedBase(_WeightsFolderBase):
         frozen_dtype: FrozenDtype = "float32",
         config: str | None = None,
     ):
-        super().__init__(source, revision, variant, local_files_only, frozen_dtype)
-        self.config = config
+        super().__init__(source, revision, variant, local_files_only, frozen_dtype, config)
 
     def build(self) -> BaseModel:
         return load_base_model(
@@ -95,25 +125,11 @@ class PretrainedBase(_WeightsFolderBase):
             local_files_only=self.local_files_only, option=self.OPTION, config=self.config,
         )
 
-    def weight_problems(self) -> list[str]:
-        """The files of ``source`` that loading would miss (a local folder's, or a hub id's that is neither cached
-        nor downloadable now), as one sentence; no weights are read. A single file is checked from its header: complete,
-        safetensors, and holding every weight of the configured model at its shape."""
-        if is_single_file(self.source):
-            return single_file_problems(self.source, self.config, option=self.OPTION)
-        if self.config is not None:
-            return [f"model.base.init_args.config ({self.config}) goes with a single-file source; {self.source} is "
-                    "a folder or hub id, whose own configs are used"]
-        located = check_source(self.source, "base model folder", base_model_files(self.variant),
-                               revision=self.revision, local_files_only=self.local_files_only, option=self.OPTION)
-        return [] if located.problem is None else [located.problem]
+    def folder_files(self) -> list:
+        return base_model_files(self.variant)
 
-    def describe_vae(self) -> str:
-        """The base model's folder or hub id (+ ``@revision``): its ``vae/`` is the VAE. For a single file: its
-        name and the sha256 of its VAE tensors (``single_file_vae_name``)."""
-        if is_single_file(self.source):
-            return single_file_vae_name(self.source)
-        return vae_name(self.source, self.revision)
+    def file_problems(self) -> list[str]:
+        return single_file_problems(self.source, self.config, option=self.OPTION)
 
 
 class TinyBase(BaseModelSpec):
@@ -158,6 +174,7 @@ class PretrainedSDXLBase(_WeightsFolderBase):
     """
 
     base_type = SDXL
+    FOLDER = "SDXL base model folder"
 
     def __init__(
         self,
@@ -168,8 +185,7 @@ class PretrainedSDXLBase(_WeightsFolderBase):
         frozen_dtype: FrozenDtype = "float32",
         config: str | None = None,
     ):
-        super().__init__(source, revision, variant, local_files_only, frozen_dtype)
-        self.config = config
+        super().__init__(source, revision, variant, local_files_only, frozen_dtype, config)
 
     def build(self) -> SDXLBaseModel:
         base = load_sdxl_base_model(self.source, revision=self.revision, variant=self.variant,
@@ -179,26 +195,11 @@ class PretrainedSDXLBase(_WeightsFolderBase):
             nn.Module.to(base.vae, _DTYPES["float32"])  # NaN latents otherwise (SDXL's VAE in float16)
         return base
 
-    def weight_problems(self) -> list[str]:
-        """The files of ``source`` that loading would miss, as one sentence; no weights are read. A single file is
-        checked from its header: complete, safetensors, and holding every weight of the configured SDXL model at
-        its shape (an SD1.5 file is named as one)."""
-        if is_single_file(self.source):
-            return sdxl_single_file_problems(self.source, self.config, option=self.OPTION)
-        if self.config is not None:
-            return [f"model.base.init_args.config ({self.config}) goes with a single-file source; {self.source} is "
-                    "a folder or hub id, whose own configs are used"]
-        located = check_source(self.source, "SDXL base model folder", sdxl_base_model_files(self.variant),
-                               revision=self.revision, local_files_only=self.local_files_only, option=self.OPTION)
-        return [] if located.problem is None else [located.problem]
+    def folder_files(self) -> list:
+        return sdxl_base_model_files(self.variant)
 
-    def describe_vae(self) -> str:
-        """The base model's folder or hub id (+ ``@revision``): its ``vae/`` is the SDXL VAE, as
-        ``fact-data --vae`` names it when given the same folder (or its ``vae/``). For a single file: its name and
-        the sha256 of its VAE tensors (``single_file_vae_name``)."""
-        if is_single_file(self.source):
-            return single_file_vae_name(self.source)
-        return vae_name(self.source, self.revision)
+    def file_problems(self) -> list[str]:
+        return sdxl_single_file_problems(self.source, self.config, option=self.OPTION)
 
 
 class TinySDXLBase(BaseModelSpec):
