@@ -63,7 +63,8 @@ def load_vae(opts: LatentOptions):
         info = {"name": tiny_vae_name(seed), "source": "tiny", "subfolder": None, "revision": None, "seed": seed}
     elif is_single_file(opts.vae):
         # A community single-file checkpoint: its VAE alone, named as the single-file base names it in training.
-        from fact_lightning.models.single_file import load_single_file_vae, single_file_vae_name
+        from fact_lightning.models.single_file import single_file_vae_name
+        from fact_lightning.models.single_file_vae import load_single_file_vae
 
         vae = load_single_file_vae(opts.vae, option="--vae")
         info = {"name": single_file_vae_name(opts.vae), "source": str(opts.vae), "subfolder": None, "revision": None,

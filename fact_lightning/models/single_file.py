@@ -313,32 +313,6 @@ def load_single_file(path: str | Path, config: str | Path | None = None, *, dtyp
     return unet, vae, text_encoder, _tokenizer(folder), scheduler
 
 
-def load_single_file_vae(path: str | Path, config: str | Path | None = None, *, option: str | None = None):
-    """The VAE of a single-file checkpoint alone, float32, reading only its VAE tensors (for ``fact-data``'s cached
-    latents: name them with :func:`single_file_vae_name`). An SDXL file (by its keys) is checked and configured as
-    SDXL (its VAE's scaling factor is not SD1.5's)."""
-    from diffusers import AutoencoderKL
-    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    from safetensors import SafetensorError, safe_open
-
-    from .single_file_sdxl import sdxl_config_folder, sdxl_single_file_problems
-
-    sdxl = file_base_type(path) == SDXL
-    problems = (sdxl_single_file_problems if sdxl else single_file_problems)(path, config, option)
-    if problems:
-        raise SingleFileError("; ".join(problems))
-    path, folder = Path(path).expanduser(), (sdxl_config_folder if sdxl else config_folder)(config)
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            checkpoint = {key: file.get_tensor(key) for key in file.keys() if key.startswith(VAE_PREFIX)}
-    except (SafetensorError, OSError) as err:
-        raise SingleFileError(f"base model file {path} cannot be read: {err}") from None
-    weights = convert_ldm_vae_checkpoint(checkpoint, AutoencoderKL.load_config(folder, subfolder="vae",
-                                                                               local_files_only=True))
-    vae = AutoencoderKL.from_single_file(weights, config=str(folder), subfolder="vae", local_files_only=True)
-    return torch.nn.Module.to(vae, torch.float32).requires_grad_(False).eval()
-
-
 def _tokenizer(folder: Path):
     """The config folder's tokenizer if it has one, else SD1.5's, rebuilt offline."""
     from transformers import CLIPTokenizer

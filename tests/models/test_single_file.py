@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 
 from fact_lightning.models.base import load_base_model
 from fact_lightning.models.single_file import (SD15_CONFIG, SingleFileError, check_single_file, component_mismatches,
-                                               convert, load_single_file_vae, single_file_problems,
-                                               single_file_vae_name)
+                                               convert, single_file_problems, single_file_vae_name)
+from fact_lightning.models.single_file_vae import load_single_file_vae
 from fact_lightning.training.base_spec import PretrainedBase
 
 # -- diffusers -> original (LDM) keys: the inverse of what the loader reads -----------------------------------

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import save_file
 
 from fact_lightning.models.sdxl_base import SDXLBaseModel, load_sdxl_base_model
-from fact_lightning.models.single_file import (SingleFileError, file_base_type, load_single_file_vae,
-                                               single_file_problems)
+from fact_lightning.models.single_file import SingleFileError, file_base_type, single_file_problems
 from fact_lightning.models.single_file_sdxl import (SDXL_CONFIG, convert_sdxl, sdxl_component_mismatches,
                                                     sdxl_single_file_problems)
+from fact_lightning.models.single_file_vae import load_single_file_vae
 from fact_lightning.tiny_sdxl import tiny_sdxl_base_model
 from fact_lightning.training.base_spec import PretrainedBase, PretrainedSDXLBase
 from tests.models.test_single_file import ldm_unet_key, ldm_vae_key, same_state, write_single_file
