@@ -273,6 +273,30 @@ def shape_mismatches(parts: dict[str, dict[str, torch.Tensor]], expected: dict[s
     return problems
 
 
+def read_checked(path: str | Path, problems: list[str]) -> dict[str, torch.Tensor]:
+    """The tensors of a single file whose header checks (``problems``) found nothing; else one SingleFileError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if problems:
+        raise SingleFileError("; ".join(problems))
+    try:
+        return load_file(Path(path).expanduser())
+    except (SafetensorError, OSError) as err:
+        raise SingleFileError(f"base model file {path} cannot be read: {err}") from None
+
+
+def unet_and_vae(parts: dict, folder: Path, checkpoint: dict) -> tuple:
+    """The converted UNet and VAE, built by diffusers' ``from_single_file`` with the configs of ``folder`` (the
+    UNet's input channels from the file: an inpainting checkpoint keeps its 9)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    common = {"config": str(folder), "local_files_only": True}
+    unet = UNet2DConditionModel.from_single_file(parts["unet"], subfolder="unet",
+                                                 in_channels=unet_config(folder, checkpoint)["in_channels"], **common)
+    return unet, AutoencoderKL.from_single_file(parts["vae"], subfolder="vae", **common)
+
+
 def load_single_file(path: str | Path, config: str | Path | None = None, *, dtype: torch.dtype | None = None,
                      option: str | None = None) -> tuple:
     """The UNet, VAE, text encoder, tokenizer and noise scheduler of a single-file checkpoint, offline, in the order
@@ -282,25 +306,14 @@ def load_single_file(path: str | Path, config: str | Path | None = None, *, dtyp
     named before a weight is read (:func:`single_file_problems`); the UNet and VAE come from diffusers'
     ``from_single_file`` and the text encoder from its single-file CLIP loader, all with the local configs.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import CLIPTextModel
 
-    problems = single_file_problems(path, config, option)
-    if problems:
-        raise SingleFileError("; ".join(problems))
-    path, folder = Path(path).expanduser(), config_folder(config)
-    try:
-        checkpoint = load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise SingleFileError(f"base model file {path} cannot be read: {err}") from None
+    checkpoint = read_checked(path, single_file_problems(path, config, option))
+    folder = config_folder(config)
     parts = convert(checkpoint, folder)
-    common = {"config": str(folder), "local_files_only": True}
-    unet = UNet2DConditionModel.from_single_file(parts["unet"], subfolder="unet",
-                                                 in_channels=unet_config(folder, checkpoint)["in_channels"], **common)
-    vae = AutoencoderKL.from_single_file(parts["vae"], subfolder="vae", **common)
+    unet, vae = unet_and_vae(parts, folder, checkpoint)
     # diffusers' CLIP loader reads the original prefix, with the "text_model." level that older files lack.
     text_checkpoint = {f"{TEXT_PREFIX}text_model.{key}": value for key, value in parts["text_encoder"].items()}
     text_encoder = create_diffusers_clip_model_from_ldm(CLIPTextModel, text_checkpoint, subfolder="text_encoder",

@@ -21,7 +21,7 @@ import torch
 from ..base_types import SD15, SDXL
 from .single_file import (CONFIG_FILES, TEXT_PREFIX, UNET_PREFIX, VAE_PREFIX, XL_TEXT_2_PREFIX, XL_TEXT_PREFIX,
                           SingleFileError, described_kind, file_problems, header_base_type, meta_checkpoint,
-                          read_header, shape_mismatches, unet_config)
+                          read_checked, read_header, shape_mismatches, unet_and_vae, unet_config)
 
 log = logging.getLogger(__name__)
 
@@ -149,25 +149,15 @@ def load_sdxl_single_file(path: str | Path, config: str | Path | None = None, *,
     problem is named before a weight is read (:func:`sdxl_single_file_problems`); the UNet and VAE come from
     diffusers' ``from_single_file``, the text encoders from its single-file CLIP loader, all with the local configs.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import DDPMScheduler
     from diffusers.loaders.single_file_utils import create_diffusers_clip_model_from_ldm
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    problems = sdxl_single_file_problems(path, config, option)
-    if problems:
-        raise SingleFileError("; ".join(problems))
-    path, folder = Path(path).expanduser(), sdxl_config_folder(config)
-    try:
-        checkpoint = load_file(path)
-    except (SafetensorError, OSError) as err:
-        raise SingleFileError(f"base model file {path} cannot be read: {err}") from None
+    checkpoint = read_checked(path, sdxl_single_file_problems(path, config, option))
+    folder = sdxl_config_folder(config)
     parts = convert_sdxl(checkpoint, folder)
+    unet, vae = unet_and_vae(parts, folder, checkpoint)
     common = {"config": str(folder), "local_files_only": True}
-    unet = UNet2DConditionModel.from_single_file(parts["unet"], subfolder="unet",
-                                                 in_channels=unet_config(folder, checkpoint)["in_channels"], **common)
-    vae = AutoencoderKL.from_single_file(parts["vae"], subfolder="vae", **common)
     # diffusers' CLIP loader tells the encoders apart by their original keys: each gets its own alone.
     first = {f"{XL_TEXT_PREFIX}text_model.{key}": value for key, value in parts["text_encoder"].items()}
     second = {key: value for key, value in checkpoint.items() if key.startswith(XL_TEXT_2_PREFIX)}
